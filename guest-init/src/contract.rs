@@ -1,0 +1,357 @@
+//! Disks, job and result: everything that crosses the VM boundary.
+//!
+//! The only channels are the kernel command line, block devices and the
+//! serial console (human-readable log only). The host never parses guest
+//! memory; everything the guest writes is untrusted and decoded with bounds.
+//!
+//! Job disk layout (read-only, named [`serial::JOB`]):
+//! ```text
+//! 0      8       16            16+len              data_offset
+//! | MAGIC | len u64 LE | JSON (Job) | zero pad | data area (blobs) ...
+//! ```
+//! `data_offset` is `16 + len` rounded up to [`BLOCK`]; [`Blob`] offsets are
+//! relative to it, so the JSON can name them before its own length is known.
+//!
+//! Output disk layout (read-write, named [`serial::OUTPUT`]):
+//! ```text
+//! 0      8       16             16+len        PAYLOAD_OFFSET
+//! | MAGIC | len u64 LE | JSON (Outcome) | zeros | payload (tar) ...
+//! ```
+//! The guest writes the payload first, syncs, then writes the header block
+//! and syncs again: a header is only ever present for a complete payload.
+
+use serde::{Deserialize, Serialize};
+
+/// Magic at the start of the job disk.
+pub const JOB_MAGIC: &[u8; 8] = b"RARJOB01";
+/// Magic at the start of the output disk, written last by the guest.
+pub const RESULT_MAGIC: &[u8; 8] = b"RARRES01";
+/// Header block size: the job JSON and the result JSON both fit in one.
+pub const BLOCK: u64 = 4096;
+/// Largest job JSON accepted (a 1000-layer job is about 200 KiB).
+pub const MAX_JOB_JSON: u64 = 16 << 20;
+/// The result JSON must fit in the first block with its 16-byte preamble.
+pub const MAX_RESULT_JSON: u64 = BLOCK - 16;
+/// Where the payload (layer tar or export tar) starts on the output disk.
+pub const PAYLOAD_OFFSET: u64 = BLOCK;
+
+/// Virtio-blk serial ids (VIRTIO_BLK_T_GET_ID) that name each disk; the
+/// guest reads them from `/sys/block/vdX/serial` and never relies on order.
+pub mod serial {
+    /// The layer bytes, read-only: the input archive itself or a gathered file.
+    pub const LAYERS: &str = "rar-layers";
+    /// The job: JSON plus the script and copy-to-root tars, read-only.
+    pub const JOB: &str = "rar-job";
+    /// The result header and payload, read-write, sparse on the host.
+    pub const OUTPUT: &str = "rar-output";
+    /// Optional swap for scratch space beyond guest RAM (`--disk-size`).
+    pub const SWAP: &str = "rar-swap";
+}
+
+/// Prefix of the structured lines guest-init prints on the console; the
+/// host shows the rest (kernel log) only with `-v`.
+pub const CONSOLE_TAG: &str = "@rar ";
+
+/// What the guest is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Run the script, pack the overlay upper dir as a new OCI layer.
+    Layer,
+    /// Run the script if any, tar the merged tree (export / flatten).
+    Export,
+}
+
+/// How a layer's bytes are compressed on the layers disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// A byte range on a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob {
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// One base layer, bottom first in [`Job::layers`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerSpec {
+    /// Where its stored bytes are on the layers disk.
+    pub range: Blob,
+    pub compression: Compression,
+    /// The config's `rootfs.diff_ids` entry (`sha256:…`): the guest hashes
+    /// what it unpacks and fails on a mismatch, naming the layer.
+    pub diff_id: String,
+}
+
+/// Everything the guest needs, written by the host on the job disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub mode: Mode,
+    /// Base layers, bottom (first applied) first.
+    pub layers: Vec<LayerSpec>,
+    /// The script, on the job disk. `None` only for a plain export.
+    pub script: Option<Blob>,
+    /// Tar streams on the job disk, unpacked in order onto the new layer
+    /// before the script runs (nixpkgs' copyToRoot).
+    pub copy_to_root: Vec<Blob>,
+    /// The script's whole environment, `KEY=VALUE`, already merged by the
+    /// host (image config Env, then --env, default PATH and HOME).
+    pub env: Vec<String>,
+    /// mtime of every entry of a new layer (SOURCE_DATE_EPOCH or `created`).
+    pub epoch: u64,
+    /// Export only: clamp mtimes to this (SOURCE_DATE_EPOCH) when set.
+    pub clamp_mtime: Option<u64>,
+    /// Size limit of the tmpfs holding layers and the upper dir, in MiB.
+    pub scratch_mib: u64,
+    /// Print the guest's own progress lines (host `-v`).
+    pub verbose: bool,
+}
+
+/// How the run ended, from the guest's point of view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "kebab-case")]
+pub enum Status {
+    /// The script ran and exited with `exit_code`; when 0 the payload holds
+    /// the tar. A non-zero code carries no payload.
+    Finished { exit_code: i32 },
+    /// runasroot itself failed inside the guest.
+    Failed { kind: FailureKind, reason: String },
+}
+
+/// Why the guest failed, so the host can name the limit or input at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// A layer or copy-to-root tar is invalid (digest, breakout, format).
+    BadInput,
+    /// The scratch tmpfs (+ swap) filled up: raise `--disk-size`.
+    OutOfScratch,
+    /// The guest ran out of memory: raise `--memory`.
+    OutOfMemory,
+    /// The base has no interpreter for the script.
+    NoInterpreter,
+    /// Anything else (a bug or an unexpected kernel answer).
+    Internal,
+}
+
+/// The result header the guest writes on the output disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    #[serde(flatten)]
+    pub status: Status,
+    /// Bytes of payload at [`PAYLOAD_OFFSET`].
+    pub payload_len: u64,
+    /// `sha256:…` of the payload as the guest wrote it.
+    pub payload_digest: Option<String>,
+    /// `sha256:…` of each base layer as unpacked, bottom first.
+    pub layer_diff_ids: Vec<String>,
+    /// (phase, guest uptime in seconds when it ended), in order.
+    pub timings: Vec<(String, f64)>,
+}
+
+/// Errors decoding what the other side wrote.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("no {what} header (magic missing): the guest ended before writing a result")]
+    NoMagic { what: &'static str },
+    #[error("{what} header announces {len} bytes of JSON, more than the {max} allowed")]
+    TooLong { what: &'static str, len: u64, max: u64 },
+    #[error("{what} header is truncated")]
+    Truncated { what: &'static str },
+    #[error("{what} JSON is invalid: {reason}")]
+    Json { what: &'static str, reason: String },
+}
+
+/// Rounds `n` up to a multiple of [`BLOCK`].
+pub fn align_block(n: u64) -> u64 {
+    n.div_ceil(BLOCK) * BLOCK
+}
+
+fn encode_header(magic: &[u8; 8], json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + json.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(json);
+    out
+}
+
+fn decode_header<'a>(
+    bytes: &'a [u8],
+    magic: &[u8; 8],
+    max: u64,
+    what: &'static str,
+) -> Result<&'a [u8], DecodeError> {
+    if bytes.len() < 16 || &bytes[..8] != magic {
+        return Err(DecodeError::NoMagic { what });
+    }
+    let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    if len > max {
+        return Err(DecodeError::TooLong { what, len, max });
+    }
+    let end = 16usize
+        .checked_add(len as usize)
+        .ok_or(DecodeError::Truncated { what })?;
+    bytes.get(16..end).ok_or(DecodeError::Truncated { what })
+}
+
+impl Job {
+    /// The job disk's header: magic, length, JSON, zero padding up to the
+    /// data area. Blob offsets in the job are relative to the data area.
+    pub fn encode_header(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("a Job always serialises");
+        let mut out = encode_header(JOB_MAGIC, &json);
+        out.resize(align_block(out.len() as u64) as usize, 0);
+        out
+    }
+
+    /// Decodes the job from the start of the job disk (at least the header
+    /// bytes). Returns the job and the data area's offset on the disk.
+    pub fn decode(bytes: &[u8]) -> Result<(Job, u64), DecodeError> {
+        let json = decode_header(bytes, JOB_MAGIC, MAX_JOB_JSON, "job")?;
+        let job = serde_json::from_slice(json).map_err(|e| DecodeError::Json {
+            what: "job",
+            reason: e.to_string(),
+        })?;
+        Ok((job, align_block(16 + json.len() as u64)))
+    }
+
+    /// The JSON length announced by a job header's first 16 bytes, so the
+    /// guest knows how much more to read.
+    pub fn header_len(first16: &[u8]) -> Result<u64, DecodeError> {
+        if first16.len() < 16 || &first16[..8] != JOB_MAGIC {
+            return Err(DecodeError::NoMagic { what: "job" });
+        }
+        let len = u64::from_le_bytes(first16[8..16].try_into().expect("8 bytes"));
+        if len > MAX_JOB_JSON {
+            return Err(DecodeError::TooLong { what: "job", len, max: MAX_JOB_JSON });
+        }
+        Ok(16 + len)
+    }
+}
+
+impl Outcome {
+    /// The output disk's first block.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.clone();
+        let mut json = serde_json::to_vec(&out).expect("an Outcome always serialises");
+        // A long reason must not push the header past its block: shorten it.
+        while json.len() as u64 > MAX_RESULT_JSON {
+            if let Status::Failed { reason, .. } = &mut out.status {
+                let keep = reason.len().saturating_sub(json.len() - MAX_RESULT_JSON as usize + 3);
+                let mut cut = keep.min(reason.len());
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                reason.truncate(cut);
+                reason.push_str("...");
+            } else {
+                out.timings.clear();
+            }
+            json = serde_json::to_vec(&out).expect("an Outcome always serialises");
+        }
+        let mut block = encode_header(RESULT_MAGIC, &json);
+        block.resize(BLOCK as usize, 0);
+        block
+    }
+
+    /// Decodes the output disk's first block.
+    pub fn decode(block: &[u8]) -> Result<Outcome, DecodeError> {
+        let json = decode_header(block, RESULT_MAGIC, MAX_RESULT_JSON, "result")?;
+        serde_json::from_slice(json).map_err(|e| DecodeError::Json {
+            what: "result",
+            reason: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> Job {
+        Job {
+            mode: Mode::Layer,
+            layers: vec![LayerSpec {
+                range: Blob { offset: 1536, length: 10240 },
+                compression: Compression::Gzip,
+                diff_id: format!("sha256:{}", "ab".repeat(32)),
+            }],
+            script: Some(Blob { offset: 0, length: 42 }),
+            copy_to_root: vec![],
+            env: vec!["PATH=/bin".into()],
+            epoch: 1,
+            clamp_mtime: None,
+            scratch_mib: 1024,
+            verbose: false,
+        }
+    }
+
+    #[test]
+    fn job_round_trips_and_data_area_is_block_aligned() {
+        let header = job().encode_header();
+        assert_eq!(header.len() as u64 % BLOCK, 0);
+        assert_eq!(&header[..8], JOB_MAGIC);
+        let (decoded, data) = Job::decode(&header).unwrap();
+        assert_eq!(decoded, job());
+        assert_eq!(data, header.len() as u64);
+        let len = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        assert_eq!(Job::header_len(&header[..16]).unwrap(), 16 + len);
+    }
+
+    #[test]
+    fn job_decode_rejects_bad_headers() {
+        assert_eq!(Job::decode(b"nope").unwrap_err(), DecodeError::NoMagic { what: "job" });
+        let mut h = job().encode_header();
+        h[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(Job::decode(&h), Err(DecodeError::TooLong { .. })));
+        let h = job().encode_header();
+        assert_eq!(Job::decode(&h[..40]).unwrap_err(), DecodeError::Truncated { what: "job" });
+    }
+
+    #[test]
+    fn outcome_round_trips_in_one_block() {
+        let o = Outcome {
+            status: Status::Finished { exit_code: 3 },
+            payload_len: 0,
+            payload_digest: None,
+            layer_diff_ids: vec!["sha256:00".into()],
+            timings: vec![("init".into(), 0.5)],
+        };
+        let block = o.encode();
+        assert_eq!(block.len() as u64, BLOCK);
+        assert_eq!(Outcome::decode(&block).unwrap(), o);
+    }
+
+    #[test]
+    fn outcome_with_huge_reason_is_shortened_not_dropped() {
+        let o = Outcome {
+            status: Status::Failed { kind: FailureKind::Internal, reason: "x".repeat(10_000) },
+            payload_len: 0,
+            payload_digest: None,
+            layer_diff_ids: vec![],
+            timings: vec![],
+        };
+        let back = Outcome::decode(&o.encode()).unwrap();
+        match back.status {
+            Status::Failed { kind, reason } => {
+                assert_eq!(kind, FailureKind::Internal);
+                assert!(reason.ends_with("...") && reason.len() > 3000);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn zeroed_output_disk_means_no_result() {
+        assert_eq!(
+            Outcome::decode(&[0u8; 4096]).unwrap_err(),
+            DecodeError::NoMagic { what: "result" }
+        );
+    }
+}

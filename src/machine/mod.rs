@@ -1,0 +1,99 @@
+//! Launching the guest: one contract (kernel + initramfs + command line +
+//! virtio-mmio block devices + one 8250 serial port), two launchers.
+//!
+//! * [`kvm`]: the built-in VMM on rust-vmm crates, the default where
+//!   `/dev/kvm` is backed by hardware virtualisation.
+//! * [`qemu`]: QEMU's `microvm` machine, TCG where there is no hardware
+//!   virtualisation (and as a test harness).
+//!
+//! Callers build a [`GuestSpec`] and call [`Machine::run`]; nothing here
+//! knows about images or jobs.
+
+pub mod kvm;
+pub mod qemu;
+pub mod select;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Host file backing the disk. Its size is the disk's size; a size that
+    /// is not a multiple of 512 is rounded down by QEMU, so callers pad.
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Answered to VIRTIO_BLK_T_GET_ID (at most 20 bytes): the guest finds
+    /// its disks by this, never by order.
+    pub serial: String,
+}
+
+/// The kernel images a launcher may choose from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelImages {
+    /// Compressed kernel with the x86 boot protocol header (QEMU, fallback).
+    pub bzimage: PathBuf,
+    /// Uncompressed ELF kernel (the built-in VMM's fast path), if present.
+    pub vmlinux: Option<PathBuf>,
+}
+
+/// Everything needed to start the guest once.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub kernel: KernelImages,
+    pub initramfs: PathBuf,
+    /// Kernel command line without the `virtio_mmio.device=` entries the
+    /// built-in VMM appends for its disks. Must end the guest with a reset:
+    /// `reboot=t` (triple fault) works for both launchers.
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub cpus: u8,
+    /// In the order given; serial ids name them for the guest.
+    pub disks: Vec<DiskSpec>,
+    /// When to give up on the guest (`--timeout`).
+    pub deadline: Option<Instant>,
+    /// Set (by SIGINT/SIGTERM handling) to stop the guest early.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest reset or shut down (its normal end: guest-init reboots).
+    Reset,
+    /// `deadline` passed; the guest was killed.
+    TimedOut,
+    /// `stop` was set; the guest was killed.
+    Stopped,
+}
+
+/// Errors starting or running a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("QEMU ({binary}) could not be started; fix: apt-get install qemu-system-x86")]
+    QemuSpawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU exited with {status} before the guest reset:\n{stderr}")]
+    QemuFailed { status: std::process::ExitStatus, stderr: String },
+    #[error("reading the guest console failed")]
+    Console(#[source] std::io::Error),
+    #[error("the built-in VMM cannot run here: {reason}")]
+    KvmUnavailable { reason: String },
+    #[error("the built-in VMM failed: {0}")]
+    Kvm(#[from] kvm::Error),
+}
+
+/// A guest launcher.
+pub trait Machine {
+    /// Short name for logs and benchmarks ("builtin", "qemu-tcg", "qemu-kvm").
+    fn name(&self) -> String;
+
+    /// Boots the guest and runs it until it resets, times out or is
+    /// stopped. Console bytes are passed to `console` as they arrive.
+    fn run(&mut self, spec: &GuestSpec, console: &mut dyn FnMut(&[u8])) -> Result<GuestExit, MachineError>;
+}
