@@ -16,7 +16,8 @@ pub mod assets;
 pub mod cli;
 pub mod export;
 pub mod image;
+pub mod interrupt;
 pub mod job;
 pub mod machine;
 pub mod output;
-pub mod run;
+// pub mod run; (enabled once image and kvm land)

@@ -73,6 +73,7 @@ impl AtomicFile {
             .prefix(&format!(".{name}.runasroot-"))
             .tempfile_in(&dir)
             .map_err(|source| OutputError::Create { path: target.to_path_buf(), source })?;
+        crate::interrupt::register_temp(temp.path());
         Ok(AtomicFile { target: target.to_path_buf(), temp })
     }
 
@@ -83,6 +84,7 @@ impl AtomicFile {
     /// Flushes to disk and renames into place with mode 0644 & !umask
     /// (tempfile creates 0600, which a user would not expect of an output).
     pub fn commit(self) -> Result<(), OutputError> {
+        crate::interrupt::unregister_temp(self.temp.path());
         let path = self.target.clone();
         let werr = |source| OutputError::Write { path: path.display().to_string(), source };
         self.temp.as_file().sync_all().map_err(werr)?;

@@ -1,1 +1,585 @@
-//! (work in progress)
+//! The two jobs, end to end: runAsRoot (new layer + image) and export.
+//!
+//! Host side of the data path: open and verify the image, lay out the
+//! disks, boot the guest, read and verify its result, write the outputs
+//! atomically. Exit statuses follow `docker run`: the script's own code,
+//! 125 when runasroot failed, 124 on --timeout, 130 on Ctrl-C.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runasroot_guest::contract::{self, FailureKind, Job, LayerSpec, Mode, Status};
+use sha2::{Digest as _, Sha256};
+
+use crate::cli::{self, ExportArgs, RunArgs, ScriptArgs, UiArgs, VmArgs};
+use crate::image::{self, Digest, Image, ImageError};
+use crate::job::{self, JobDisk, JobError, Times};
+use crate::machine::{select, DiskSpec, GuestExit, GuestSpec, MachineError};
+use crate::output::{self, OutputError, Target};
+
+/// Exit status when runasroot itself failed (as `docker run`).
+pub const EXIT_FAILED: u8 = 125;
+/// Exit status when --timeout expired (as `timeout(1)`).
+pub const EXIT_TIMEOUT: u8 = 124;
+/// Console lines kept for error reports.
+const CONSOLE_TAIL: usize = 40;
+
+/// Errors of a run, each naming what failed and the fix where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("--base IMAGE is required")]
+    MissingBase,
+    #[error("--script FILE is required (or use `runasroot export`)")]
+    MissingScript,
+    #[error("nothing to write: give -o PATH (the new image) and/or --layer-output PATH (the bare layer)")]
+    NoOutput,
+    #[error("-o and --layer-output cannot both be standard output")]
+    BothStdout,
+    #[error("--timeout {0:?} is not a duration (e.g. 90, 90s, 5m)")]
+    BadTimeout(String),
+    #[error("--{flag} must be at least {min}")]
+    TooSmall { flag: &'static str, min: u64 },
+    #[error("cannot create a temporary directory in {dir} (set TMPDIR to a writable directory)")]
+    TempDir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the base image failed")]
+    Image(#[from] ImageError),
+    #[error("preparing the job failed")]
+    Job(#[from] JobError),
+    #[error("finding the guest kernel failed")]
+    Assets(#[from] crate::assets::AssetError),
+    #[error("running the guest failed")]
+    Machine(#[from] MachineError),
+    #[error("writing the output failed")]
+    Output(#[from] OutputError),
+    #[error("exporting failed")]
+    Export(#[from] crate::export::ExportError),
+    #[error("--timeout {0} expired: the guest was stopped and nothing was written (raise --timeout)")]
+    TimedOut(String),
+    #[error("interrupted: the guest was stopped and nothing was written")]
+    Interrupted,
+    #[error("{reason}{hint}")]
+    Guest { kind: FailureKind, reason: String, hint: String },
+    #[error("the guest kernel panicked: {line}\n{tail}")]
+    GuestPanic { line: String, tail: String },
+    #[error("the guest ended without writing a result ({detail}); rerun with -v to see its log\n{tail}")]
+    NoResult { detail: String, tail: String },
+    #[error("the guest's result is invalid: {0}")]
+    BadResult(String),
+    #[error("layer {index} ({name}): the guest unpacked {found}, but the image config says {expected}")]
+    DiffIdMismatch { index: usize, name: String, expected: String, found: String },
+    #[error("reading the guest's output disk {path} failed")]
+    ReadOutput {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::TimedOut(_) => EXIT_TIMEOUT,
+            RunError::Interrupted => crate::interrupt::EXIT_INTERRUPTED,
+            _ => EXIT_FAILED,
+        }
+    }
+}
+
+/// How a run ended when runasroot itself did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Outputs written.
+    Done,
+    /// The script exited non-zero; nothing written; pass its code on.
+    ScriptFailed(i32),
+}
+
+/// The user-visible side of a run: notices, progress, the guest console.
+pub struct Ui {
+    verbose: bool,
+    quiet: bool,
+    progress: Option<indicatif::ProgressBar>,
+    started: Instant,
+}
+
+impl Ui {
+    pub fn new(args: UiArgs) -> Ui {
+        let progress = (!args.quiet && !args.verbose && io::stderr().is_terminal()).then(|| {
+            let pb = indicatif::ProgressBar::new_spinner();
+            pb.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").expect("valid template"));
+            pb.enable_steady_tick(Duration::from_millis(120));
+            pb
+        });
+        Ui { verbose: args.verbose, quiet: args.quiet, progress, started: Instant::now() }
+    }
+
+    /// A phase began.
+    pub fn phase(&self, what: &str) {
+        if let Some(pb) = &self.progress {
+            pb.set_message(what.to_string());
+        } else if self.verbose {
+            eprintln!("runasroot: [{:6.2}s] {what}", self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// A one-line notice (e.g. why QEMU is used); hidden by -q.
+    pub fn notice(&self, line: &str) {
+        if !self.quiet {
+            self.println(line);
+        }
+    }
+
+    /// Prints a line without tearing the progress display.
+    pub fn println(&self, line: &str) {
+        match &self.progress {
+            Some(pb) => pb.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(pb) = &self.progress {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+/// Splits the guest console into lines and routes them (see contract).
+struct Console<'a> {
+    ui: &'a Ui,
+    partial: Vec<u8>,
+    tail: VecDeque<String>,
+    panic_line: Option<String>,
+}
+
+impl<'a> Console<'a> {
+    fn new(ui: &'a Ui) -> Console<'a> {
+        Console { ui, partial: Vec::new(), tail: VecDeque::new(), panic_line: None }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
+                self.partial.clear();
+                self.line(line);
+            } else {
+                self.partial.push(b);
+            }
+        }
+    }
+
+    fn line(&mut self, line: String) {
+        if let Some(rest) = line.strip_prefix(contract::CONSOLE_TAG) {
+            if let Some(text) = rest.strip_prefix("out ") {
+                self.ui.println(text);
+            } else if let Some(phase) = rest.strip_prefix("phase ") {
+                self.ui.phase(phase);
+            } else if let Some(text) = rest.strip_prefix("log ") {
+                if self.ui.verbose {
+                    self.ui.println(&format!("guest: {text}"));
+                }
+            }
+        } else {
+            if line.contains("Kernel panic") && self.panic_line.is_none() {
+                self.panic_line = Some(line.trim().to_string());
+            }
+            if self.ui.verbose {
+                self.ui.println(&format!("kernel: {line}"));
+            }
+        }
+        if self.tail.len() == CONSOLE_TAIL {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
+    }
+
+    fn tail_text(&self) -> String {
+        let mut s = String::from("--- last guest console lines ---");
+        for l in &self.tail {
+            s.push('\n');
+            s.push_str(l);
+        }
+        s
+    }
+}
+
+/// Parses --timeout: plain seconds or a humantime duration ("90s", "5m").
+pub fn parse_timeout(s: &str) -> Result<Duration, RunError> {
+    if let Ok(secs) = s.trim().parse::<f64>() {
+        if secs.is_finite() && secs > 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    }
+    humantime::parse_duration(s.trim()).map_err(|_| RunError::BadTimeout(s.to_string()))
+}
+
+/// A per-run temporary directory (in $TMPDIR), removed on every exit path.
+fn temp_dir() -> Result<tempfile::TempDir, RunError> {
+    let dir = std::env::temp_dir();
+    let t = tempfile::Builder::new()
+        .prefix("runasroot-")
+        .tempdir_in(&dir)
+        .map_err(|source| RunError::TempDir { dir, source })?;
+    crate::interrupt::register_temp(t.path());
+    Ok(t)
+}
+
+fn source_date_epoch() -> Option<String> {
+    std::env::var("SOURCE_DATE_EPOCH").ok()
+}
+
+fn open_image(input: &cli::InputArgs, temp: &Path, ui: &Ui) -> Result<Image, RunError> {
+    let base = input.base.as_deref().ok_or(RunError::MissingBase)?;
+    ui.phase("reading and verifying the base image");
+    Ok(image::open(
+        base,
+        &image::OpenOptions {
+            from_image: input.from_image.clone(),
+            platform: Some(input.platform.clone()),
+            temp_dir: temp.to_path_buf(),
+        },
+    )?)
+}
+
+/// What a guest run needs beyond the image.
+struct GuestJob<'a> {
+    mode: Mode,
+    script: Option<&'a Path>,
+    script_args: &'a ScriptArgs,
+    vm: &'a VmArgs,
+    times: &'a Times,
+}
+
+/// The guest's verified result: the payload sits on the output disk.
+struct GuestResult {
+    output_disk: PathBuf,
+    payload_len: u64,
+    exit_code: i32,
+}
+
+fn run_guest(image: &Image, job_args: &GuestJob, temp: &Path, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<GuestResult, RunError> {
+    let vm = job_args.vm;
+    if vm.memory < 128 {
+        return Err(RunError::TooSmall { flag: "memory", min: 128 });
+    }
+    let deadline_len = vm.timeout.as_deref().map(parse_timeout).transpose()?;
+
+    ui.phase("preparing disks");
+    let layer_disk = image.layer_disk(temp)?;
+    let mut disk = JobDisk::new(temp)?;
+    let script = job_args.script.map(|p| disk.add_script(p)).transpose()?;
+    let copy_to_root = job_args
+        .script_args
+        .copy_to_root
+        .iter()
+        .map(|p| disk.add_copy_to_root(p, job_args.times.epoch))
+        .collect::<Result<Vec<_>, _>>()?;
+    let job = Job {
+        mode: job_args.mode,
+        layers: image
+            .layers
+            .iter()
+            .zip(&layer_disk.ranges)
+            .map(|(layer, range)| LayerSpec {
+                range: contract::Blob { offset: range.offset, length: range.length },
+                compression: layer.compression,
+                diff_id: layer.diff_id.to_string(),
+            })
+            .collect(),
+        script,
+        copy_to_root,
+        env: job::script_env(&image.env(), &job_args.script_args.env)?,
+        epoch: job_args.times.epoch,
+        clamp_mtime: job_args.times.source_date_epoch,
+        scratch_mib: vm.disk_size,
+        verbose: ui.verbose,
+    };
+    let job_path = disk.finish(&job)?;
+    let output_disk = temp.join("output.img");
+    job::write_sparse_disk(&output_disk, job::output_disk_bytes(vm.memory, vm.disk_size), &[], "output")?;
+    let swap_disk = temp.join("swap.img");
+    let swap_bytes = vm.disk_size << 20;
+    job::write_sparse_disk(&swap_disk, swap_bytes, &job::swap_header(swap_bytes), "swap")?;
+
+    let guest = crate::assets::prepare(vm.kernel.as_deref(), vm.initramfs.as_deref(), temp)?;
+    let mut machine = select::select(vm.vmm, &mut |line| ui.notice(line))?;
+    let spec = GuestSpec {
+        kernel: guest.kernel,
+        initramfs: guest.initramfs,
+        cmdline: job::cmdline(ui.verbose),
+        memory_mib: vm.memory,
+        cpus: vm.cpus,
+        disks: vec![
+            DiskSpec { path: layer_disk.path.clone(), read_only: true, serial: contract::serial::LAYERS.into() },
+            DiskSpec { path: job_path, read_only: true, serial: contract::serial::JOB.into() },
+            DiskSpec { path: output_disk.clone(), read_only: false, serial: contract::serial::OUTPUT.into() },
+            DiskSpec { path: swap_disk, read_only: false, serial: contract::serial::SWAP.into() },
+        ],
+        deadline: deadline_len.map(|d| Instant::now() + d),
+        stop: stop.clone(),
+    };
+    ui.phase(&format!("booting the guest ({})", machine.name()));
+    let mut console = Console::new(ui);
+    let exit = machine.run(&spec, &mut |bytes| console.feed(bytes))?;
+    match exit {
+        GuestExit::TimedOut => return Err(RunError::TimedOut(vm.timeout.clone().unwrap_or_default())),
+        GuestExit::Stopped => return Err(RunError::Interrupted),
+        GuestExit::Reset => {}
+    }
+
+    let mut f = File::open(&output_disk).map_err(|source| RunError::ReadOutput { path: output_disk.clone(), source })?;
+    let mut block = vec![0u8; contract::BLOCK as usize];
+    f.read_exact(&mut block).map_err(|source| RunError::ReadOutput { path: output_disk.clone(), source })?;
+    let outcome = match contract::Outcome::decode(&block) {
+        Ok(o) => o,
+        Err(e) => {
+            return Err(match console.panic_line.take() {
+                Some(line) => RunError::GuestPanic { line, tail: console.tail_text() },
+                None => RunError::NoResult { detail: e.to_string(), tail: console.tail_text() },
+            })
+        }
+    };
+    if ui.verbose {
+        let t: Vec<String> = outcome.timings.iter().map(|(p, t)| format!("{p}={t:.3}s")).collect();
+        ui.println(&format!("runasroot: guest timings (uptime at end of phase): {}", t.join(" ")));
+    }
+    match outcome.status {
+        Status::Failed { kind, reason } => Err(RunError::Guest { kind, hint: hint(kind, vm), reason }),
+        Status::Finished { exit_code } => {
+            if exit_code == 0 {
+                for ((layer, found), index) in image.layers.iter().zip(&outcome.layer_diff_ids).zip(0..) {
+                    if found != layer.diff_id.as_str() {
+                        return Err(RunError::DiffIdMismatch {
+                            index,
+                            name: layer.name.clone(),
+                            expected: layer.diff_id.to_string(),
+                            found: found.clone(),
+                        });
+                    }
+                }
+                if outcome.layer_diff_ids.len() != image.layers.len() {
+                    return Err(RunError::BadResult(format!(
+                        "the guest reports {} layers, the image has {}",
+                        outcome.layer_diff_ids.len(),
+                        image.layers.len()
+                    )));
+                }
+                let disk_len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                if outcome.payload_len > disk_len.saturating_sub(contract::PAYLOAD_OFFSET) {
+                    return Err(RunError::BadResult(format!("payload of {} bytes does not fit the output disk", outcome.payload_len)));
+                }
+            }
+            Ok(GuestResult { output_disk, payload_len: outcome.payload_len, exit_code })
+                .and_then(|r| verify_payload(r, outcome.payload_digest.as_deref()))
+        }
+    }
+}
+
+/// The flag to raise for each limit the guest can hit.
+fn hint(kind: FailureKind, vm: &VmArgs) -> String {
+    match kind {
+        FailureKind::OutOfScratch => format!("\n  fix: raise --disk-size (now {} MiB)", vm.disk_size),
+        FailureKind::OutOfMemory => format!("\n  fix: raise --memory (now {} MiB)", vm.memory),
+        FailureKind::NoInterpreter => "\n  fix: start the script with a #! line naming an interpreter the image has".into(),
+        FailureKind::BadInput | FailureKind::Internal => String::new(),
+    }
+}
+
+/// Hashes the payload on the host and compares with the guest's digest.
+fn verify_payload(r: GuestResult, digest: Option<&str>) -> Result<GuestResult, RunError> {
+    if r.exit_code != 0 {
+        return Ok(r);
+    }
+    let found = hash_range(&r.output_disk, contract::PAYLOAD_OFFSET, r.payload_len)?;
+    match digest {
+        Some(d) if d == found.as_str() => Ok(r),
+        other => Err(RunError::BadResult(format!("payload digest {found} differs from the guest's {other:?}"))),
+    }
+}
+
+fn hash_range(path: &Path, offset: u64, len: u64) -> Result<Digest, RunError> {
+    let rerr = |source| RunError::ReadOutput { path: path.to_path_buf(), source };
+    let mut f = File::open(path).map_err(rerr)?;
+    f.seek(SeekFrom::Start(offset)).map_err(rerr)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = f.read(&mut buf[..left.min(buf.len() as u64) as usize]).map_err(rerr)?;
+        if n == 0 {
+            return Err(rerr(io::Error::new(io::ErrorKind::UnexpectedEof, "output disk shorter than its payload")));
+        }
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(Digest::from_sha256(&hasher.finalize()))
+}
+
+/// Copies the payload into its own file (copy_file_range where possible).
+fn extract_payload(r: &GuestResult, dest: &Path) -> Result<(), RunError> {
+    let rerr = |source| RunError::ReadOutput { path: r.output_disk.clone(), source };
+    let mut src = File::open(&r.output_disk).map_err(rerr)?;
+    src.seek(SeekFrom::Start(contract::PAYLOAD_OFFSET)).map_err(rerr)?;
+    let mut dst = File::create(dest).map_err(rerr)?;
+    let n = io::copy(&mut src.take(r.payload_len), &mut dst).map_err(rerr)?;
+    if n != r.payload_len {
+        return Err(rerr(io::Error::new(io::ErrorKind::UnexpectedEof, "short payload")));
+    }
+    Ok(())
+}
+
+/// Streams the payload to an output target.
+fn write_payload(r: &GuestResult, target: &Target) -> Result<(), RunError> {
+    let mut src = File::open(&r.output_disk).map_err(|source| RunError::ReadOutput { path: r.output_disk.clone(), source })?;
+    output::write_atomically(target, |w| {
+        src.seek(SeekFrom::Start(contract::PAYLOAD_OFFSET))?;
+        let n = io::copy(&mut (&mut src).take(r.payload_len), w)?;
+        if n != r.payload_len {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short payload"));
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// `runasroot --base … --script … -o …`.
+pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ended, RunError> {
+    let script = args.script.as_deref().ok_or(RunError::MissingScript)?;
+    let out = args.output.as_deref().map(Target::parse);
+    let layer_out = args.layer_output.as_deref().map(Target::parse);
+    if out.is_none() && layer_out.is_none() {
+        return Err(RunError::NoOutput);
+    }
+    if out == Some(Target::Stdout) && layer_out == Some(Target::Stdout) {
+        return Err(RunError::BothStdout);
+    }
+    let times = job::resolve_times(args.created.as_deref(), source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
+    let temp = temp_dir()?;
+    let image = open_image(&args.input, temp.path(), ui)?;
+    let job = GuestJob { mode: Mode::Layer, script: Some(script), script_args: &args.script_env, vm: &args.vm, times: &times };
+    let result = run_guest(&image, &job, temp.path(), ui, stop)?;
+    if result.exit_code != 0 {
+        return Ok(Ended::ScriptFailed(result.exit_code));
+    }
+
+    ui.phase("writing the new image");
+    let layer_path = temp.path().join("layer.tar");
+    extract_payload(&result, &layer_path)?;
+    let diff_id = hash_range(&layer_path, 0, result.payload_len)?;
+    if let Some(target) = &layer_out {
+        write_payload(&result, target)?;
+    }
+    if let Some(target) = &out {
+        let new = image::NewLayer { path: layer_path, diff_id, size: result.payload_len };
+        let opts = image::WriteOptions {
+            format: match args.format {
+                cli::Format::DockerArchive => image::OutputFormat::DockerArchive,
+                cli::Format::Oci => image::OutputFormat::Oci,
+                cli::Format::OciArchive => image::OutputFormat::OciArchive,
+            },
+            tag: args.tag.clone(),
+            compress: match args.compress {
+                cli::Compress::None => image::Compression::None,
+                cli::Compress::Gzip => image::Compression::Gzip,
+                cli::Compress::Zstd => image::Compression::Zstd,
+            },
+            created: times.created.clone(),
+            history_created_by: history_line(script),
+        };
+        image::write_image(&image, &new, &opts, target)?;
+    }
+    ui.finish();
+    Ok(Ended::Done)
+}
+
+/// The history entry's `created_by`: what ran, without host paths.
+fn history_line(script: &Path) -> String {
+    let name = script.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("runasroot --script {name}")
+}
+
+/// `runasroot export …`.
+pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ended, RunError> {
+    let target = Target::parse(&args.output);
+    let times = job::resolve_times(None, source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
+    let temp = temp_dir()?;
+    let image = open_image(&args.input, temp.path(), ui)?;
+    if args.in_vm || args.script.is_some() {
+        let job = GuestJob { mode: Mode::Export, script: args.script.as_deref(), script_args: &args.script_env, vm: &args.vm, times: &times };
+        let result = run_guest(&image, &job, temp.path(), ui, stop)?;
+        if result.exit_code != 0 {
+            return Ok(Ended::ScriptFailed(result.exit_code));
+        }
+        ui.phase("writing the export");
+        write_payload(&result, &target)?;
+    } else {
+        ui.phase("flattening on the host");
+        let opts = crate::export::ExportOptions { clamp_mtime: times.source_date_epoch, temp_dir: temp.path().to_path_buf() };
+        let mut failure = None;
+        let written = output::write_atomically(&target, |w| match crate::export::export(&image.layers, &opts, w) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                failure = Some(e);
+                Err(io::Error::other("export failed"))
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        written?;
+    }
+    ui.finish();
+    Ok(Ended::Done)
+}
+
+/// Entry point after argument parsing.
+pub fn main(cli: cli::Cli, stop: Arc<AtomicBool>) -> Result<Ended, (RunError, UiArgs)> {
+    match cli.command {
+        Some(cli::Command::Export(args)) => {
+            let ui = Ui::new(args.ui);
+            let r = run_export(&args, &ui, &stop);
+            ui.finish();
+            r.map_err(|e| (e, args.ui))
+        }
+        None => {
+            let ui = Ui::new(cli.run.ui);
+            let r = run_layer(&cli.run, &ui, &stop);
+            ui.finish();
+            r.map_err(|e| (e, cli.run.ui))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_parse_as_seconds_or_durations() {
+        assert_eq!(parse_timeout("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_timeout("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_timeout("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_timeout("soon").is_err());
+        assert!(parse_timeout("-3").is_err());
+    }
+
+    #[test]
+    fn console_routes_tagged_lines() {
+        let ui = Ui { verbose: false, quiet: true, progress: None, started: Instant::now() };
+        let mut c = Console::new(&ui);
+        c.feed(b"[ 0.1] boot\r\n@rar phase unpack\n@rar out hello\nKernel panic - not syncing: x\npartial");
+        assert_eq!(c.tail.iter().cloned().collect::<Vec<_>>(), vec!["[ 0.1] boot", "@rar phase unpack", "@rar out hello", "Kernel panic - not syncing: x"]);
+        assert_eq!(c.panic_line.as_deref(), Some("Kernel panic - not syncing: x"));
+        assert_eq!(c.partial, b"partial");
+    }
+}
