@@ -9,12 +9,24 @@
 //! diff_ids and history appended, as docker-archive (hybrid), OCI layout or
 //! OCI archive, written atomically.
 
-// Owned by the image work: read.rs (formats, selection, verification),
-// write.rs (output formats), digest.rs, compress.rs.
+mod compress;
+mod digest;
+mod disk;
+mod error;
+mod read;
+mod select;
+mod store;
+mod write;
 
+use std::io::{self, Read};
 use std::path::PathBuf;
 
 pub use runasroot_guest::contract::Compression;
+
+pub use disk::LayerDisk;
+pub use error::ImageError;
+pub use read::{open, open_with_progress, Image, OpenOptions, SourceFormat};
+pub use write::{write_image, NewLayer, OutputFormat, WriteOptions};
 
 /// A `sha256:<64 hex>` digest, validated on construction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,7 +62,7 @@ impl std::fmt::Display for Digest {
 }
 
 /// Where a blob's stored bytes are.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BlobRef {
     pub file: PathBuf,
     pub offset: u64,
@@ -73,4 +85,57 @@ pub struct Layer {
     /// How the source names the layer, for error messages
     /// (`<id>/layer.tar`, `blobs/sha256/…`).
     pub name: String,
+}
+
+impl Layer {
+    /// The stored bytes, exactly (compressed or not).
+    pub fn open_stored(&self) -> io::Result<impl Read> {
+        store::open_blob(&self.blob)
+    }
+
+    /// The layer tar, decompressed, unchecked.
+    pub fn open_uncompressed(&self) -> io::Result<Box<dyn Read + Send>> {
+        compress::decoder(self.compression, store::open_blob(&self.blob)?)
+    }
+
+    /// The layer tar, decompressed; reading it to the end fails with an
+    /// `InvalidData` error wrapping [`ImageError::DiffIdMismatch`] (naming
+    /// the layer and both digests) if it does not hash to its diff_id. A
+    /// tar reader stops at the end-of-archive blocks: drain the rest
+    /// (`io::copy(&mut r, &mut io::sink())`) to get the check.
+    pub fn open_verified(&self) -> io::Result<Box<dyn Read + Send>> {
+        let inner = self.open_uncompressed()?;
+        let (index, name, expected) = (self.index, self.name.clone(), self.diff_id.clone());
+        let source_name = self.blob.file.display().to_string();
+        Ok(Box::new(digest::VerifyingReader::new(
+            inner,
+            self.diff_id.clone(),
+            Box::new(move |found| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    ImageError::DiffIdMismatch {
+                        source_name: source_name.clone(),
+                        index,
+                        name: name.clone(),
+                        expected: expected.clone(),
+                        found,
+                    },
+                )
+            }),
+        )))
+    }
+
+    /// The OCI media type of the stored bytes.
+    pub fn media_type(&self) -> &'static str {
+        media_type(self.compression)
+    }
+}
+
+/// OCI layer media types (image-spec `media-types.md`).
+pub fn media_type(c: Compression) -> &'static str {
+    match c {
+        Compression::None => "application/vnd.oci.image.layer.v1.tar",
+        Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+        Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+    }
 }

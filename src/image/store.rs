@@ -1,0 +1,361 @@
+//! Where an image's files are: members of a tar archive (addressed by byte
+//! range, never extracted) or files of a directory.
+//!
+//! Every path an image names is untrusted: it is cleaned, and one that is
+//! absolute, climbs with `..`, or resolves through a link to outside the
+//! image is refused. Metadata reads are bounded.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::{BlobRef, ImageError};
+
+/// Most members an image archive may hold: a 1000-layer legacy archive
+/// has ~4000; this only stops a hostile archive from filling memory.
+pub const MAX_MEMBERS: usize = 1_000_000;
+/// Links followed when resolving one member (legacy archives written by
+/// skopeo make `<id>/layer.tar` a symlink to `../<hex>.tar`: one hop).
+const MAX_LINK_HOPS: usize = 16;
+
+/// A member of a tar archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Member {
+    /// Data at `offset`, `size` bytes long.
+    File { offset: u64, size: u64 },
+    /// A symlink, target as stored (relative to the member's directory).
+    Symlink(String),
+    /// A hard link to another member (archive-root relative).
+    Hardlink(String),
+    Other,
+}
+
+/// An image's files.
+#[derive(Debug)]
+pub enum Store {
+    Tar { path: PathBuf, members: HashMap<String, Member> },
+    Dir { root: PathBuf },
+}
+
+/// Cleans a path an image names: drops `./` and empty components; `None`
+/// if it is absolute, empty or contains `..`.
+pub fn clean_path(p: &str) -> Option<String> {
+    if p.starts_with('/') {
+        return None;
+    }
+    let mut parts = vec![];
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return None,
+            c => parts.push(c),
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
+}
+
+/// Joins a symlink target onto the link's directory, resolving `..`
+/// lexically; `None` if it is absolute or climbs above the root.
+fn resolve_link(link: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = link.split('/').collect();
+    parts.pop();
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
+}
+
+impl Store {
+    /// Indexes the members of a tar archive (headers only: data is skipped
+    /// by seeking).
+    pub fn open_tar(path: &Path) -> Result<Store, ImageError> {
+        let err = |source| ImageError::ReadArchive { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(|source| ImageError::Open { path: path.to_path_buf(), source })?;
+        let mut archive = tar::Archive::new(file);
+        let mut members = HashMap::new();
+        for entry in archive.entries_with_seek().map_err(err)? {
+            let entry = entry.map_err(err)?;
+            if members.len() >= MAX_MEMBERS {
+                return Err(ImageError::TooManyMembers { path: path.to_path_buf(), limit: MAX_MEMBERS });
+            }
+            let raw = entry.path_bytes();
+            let Some(name) = std::str::from_utf8(&raw).ok().and_then(clean_path) else {
+                // An image never names such a member, so it can never be
+                // reached; skip rather than fail on junk we do not use.
+                continue;
+            };
+            let link = || {
+                entry
+                    .link_name_bytes()
+                    .map(|l| String::from_utf8_lossy(&l).into_owned())
+                    .unwrap_or_default()
+            };
+            let member = match entry.header().entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    Member::File { offset: entry.raw_file_position(), size: entry.size() }
+                }
+                tar::EntryType::Symlink => Member::Symlink(link()),
+                tar::EntryType::Link => Member::Hardlink(link()),
+                _ => Member::Other,
+            };
+            // A later member of the same name replaces an earlier one, as
+            // when the archive is extracted.
+            members.insert(name, member);
+        }
+        Ok(Store::Tar { path: path.to_path_buf(), members })
+    }
+
+    pub fn open_dir(root: &Path) -> Store {
+        Store::Dir { root: root.to_path_buf() }
+    }
+
+    /// The archive or directory, for messages.
+    pub fn name(&self) -> String {
+        match self {
+            Store::Tar { path, .. } | Store::Dir { root: path } => path.display().to_string(),
+        }
+    }
+
+    /// Whether a top-level file exists (format detection).
+    pub fn has(&self, name: &str) -> bool {
+        match self {
+            Store::Tar { members, .. } => members.contains_key(name),
+            Store::Dir { root } => root.join(name).is_file(),
+        }
+    }
+
+    /// Some top-level names, for "this is not an image" messages.
+    pub fn sample_names(&self) -> String {
+        let mut names: Vec<String> = match self {
+            Store::Tar { members, .. } => members.keys().cloned().collect(),
+            Store::Dir { root } => fs::read_dir(root)
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default(),
+        };
+        names.sort();
+        let total = names.len();
+        names.truncate(8);
+        match total {
+            0 => "nothing".into(),
+            n if n > 8 => format!("{} … ({n} entries)", names.join(", ")),
+            _ => names.join(", "),
+        }
+    }
+
+    /// Where the bytes of the file `name` (as the image names it) are.
+    /// `what` says who names it, for the error.
+    pub fn locate(&self, name: &str, what: &str) -> Result<BlobRef, ImageError> {
+        let unsafe_path = |member: &str| ImageError::UnsafeMemberPath {
+            source_name: self.name(),
+            what: what.to_string(),
+            member: member.to_string(),
+        };
+        let missing = |member: &str| ImageError::MissingMember { source_name: self.name(), member: member.to_string() };
+        let mut current = clean_path(name).ok_or_else(|| unsafe_path(name))?;
+        match self {
+            Store::Tar { path, members } => {
+                for _ in 0..=MAX_LINK_HOPS {
+                    match members.get(&current) {
+                        Some(Member::File { offset, size }) => {
+                            return Ok(BlobRef { file: path.clone(), offset: *offset, length: *size })
+                        }
+                        Some(Member::Symlink(target)) => {
+                            current = resolve_link(&current, target).ok_or_else(|| unsafe_path(target))?;
+                        }
+                        Some(Member::Hardlink(target)) => {
+                            current = clean_path(target).ok_or_else(|| unsafe_path(target))?;
+                        }
+                        Some(Member::Other) | None => return Err(missing(&current)),
+                    }
+                }
+                Err(unsafe_path(name))
+            }
+            Store::Dir { root } => {
+                let joined = root.join(&current);
+                let meta = fs::symlink_metadata(&joined).map_err(|_| missing(&current))?;
+                let real = if meta.file_type().is_symlink() || current.contains('/') {
+                    // Resolve links (in the file or a parent) and make sure
+                    // the result is still inside the layout.
+                    let real = fs::canonicalize(&joined).map_err(|_| missing(&current))?;
+                    let root_real = fs::canonicalize(root).map_err(|_| missing(&current))?;
+                    if !real.starts_with(&root_real) {
+                        return Err(unsafe_path(name));
+                    }
+                    real
+                } else {
+                    joined
+                };
+                let meta = fs::metadata(&real).map_err(|_| missing(&current))?;
+                if !meta.is_file() {
+                    return Err(missing(&current));
+                }
+                Ok(BlobRef { file: real, offset: 0, length: meta.len() })
+            }
+        }
+    }
+
+    /// Reads a small file (JSON metadata), refusing more than `limit` bytes.
+    pub fn read_small(&self, name: &str, what: &str, limit: u64) -> Result<Vec<u8>, ImageError> {
+        let blob = self.locate(name, what)?;
+        read_blob_bounded(&blob, limit).map_err(|e| match e {
+            BoundedReadError::TooLarge(size) => {
+                ImageError::MemberTooLarge { source_name: self.name(), member: name.to_string(), size, limit }
+            }
+            BoundedReadError::Io(source) => {
+                ImageError::ReadMember { source_name: self.name(), member: name.to_string(), source }
+            }
+        })
+    }
+}
+
+pub enum BoundedReadError {
+    TooLarge(u64),
+    Io(io::Error),
+}
+
+/// All bytes of a blob, if it is at most `limit` bytes.
+pub fn read_blob_bounded(blob: &BlobRef, limit: u64) -> Result<Vec<u8>, BoundedReadError> {
+    if blob.length > limit {
+        return Err(BoundedReadError::TooLarge(blob.length));
+    }
+    let file = File::open(&blob.file).map_err(BoundedReadError::Io)?;
+    let mut buf = vec![0u8; blob.length as usize];
+    file.read_exact_at(&mut buf, blob.offset).map_err(BoundedReadError::Io)?;
+    Ok(buf)
+}
+
+/// The first bytes of a blob (for magic detection), fewer if it is short.
+pub fn read_head(blob: &BlobRef, n: usize) -> io::Result<Vec<u8>> {
+    let file = File::open(&blob.file)?;
+    let want = (n as u64).min(blob.length) as usize;
+    let mut buf = vec![0u8; want];
+    file.read_exact_at(&mut buf, blob.offset)?;
+    Ok(buf)
+}
+
+/// A reader of exactly a blob's bytes.
+pub fn open_blob(blob: &BlobRef) -> io::Result<io::Take<File>> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = File::open(&blob.file)?;
+    file.seek(SeekFrom::Start(blob.offset))?;
+    Ok(file.take(blob.length))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn cleans_and_refuses_paths() {
+        let cases = [
+            ("manifest.json", Some("manifest.json")),
+            ("./blobs//sha256/./ab", Some("blobs/sha256/ab")),
+            ("abc/layer.tar", Some("abc/layer.tar")),
+            ("/etc/passwd", None),
+            ("../x", None),
+            ("a/../b", None),
+            ("", None),
+            ("./", None),
+        ];
+        for (p, want) in cases {
+            assert_eq!(clean_path(p).as_deref(), want, "{p}");
+        }
+    }
+
+    #[test]
+    fn resolves_symlinks_lexically_within_the_root() {
+        let cases = [
+            ("id/layer.tar", "../abc.tar", Some("abc.tar")),
+            ("id/layer.tar", "other.tar", Some("id/other.tar")),
+            ("a/b/c", "../../d", Some("d")),
+            ("id/layer.tar", "../../etc/passwd", None),
+            ("id/layer.tar", "/etc/passwd", None),
+        ];
+        for (link, target, want) in cases {
+            assert_eq!(resolve_link(link, target).as_deref(), want, "{link} -> {target}");
+        }
+    }
+
+    fn archive(build: impl FnOnce(&mut tar::Builder<&mut Vec<u8>>)) -> tempfile::NamedTempFile {
+        let mut bytes = Vec::new();
+        {
+            let mut b = tar::Builder::new(&mut bytes);
+            build(&mut b);
+            b.finish().unwrap();
+        }
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&bytes).unwrap();
+        f
+    }
+
+    fn add(b: &mut tar::Builder<&mut Vec<u8>>, name: &str, ty: tar::EntryType, data: &[u8], link: Option<&str>) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(ty);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        if let Some(l) = link {
+            h.set_link_name(l).unwrap();
+        }
+        h.set_path(name).unwrap();
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+
+    #[test]
+    fn locates_tar_members_through_links_and_refuses_escapes() {
+        let f = archive(|b| {
+            add(b, "./abc.tar", tar::EntryType::Regular, b"layer", None);
+            add(b, "id/layer.tar", tar::EntryType::Symlink, b"", Some("../abc.tar"));
+            add(b, "id2/layer.tar", tar::EntryType::Link, b"", Some("abc.tar"));
+            add(b, "bad/layer.tar", tar::EntryType::Symlink, b"", Some("../../x"));
+            add(b, "loop", tar::EntryType::Symlink, b"", Some("loop"));
+            add(b, "manifest.json", tar::EntryType::Regular, b"[1,2]", None);
+        });
+        let store = Store::open_tar(f.path()).unwrap();
+        let direct = store.locate("abc.tar", "test").unwrap();
+        assert_eq!((direct.offset, direct.length), (512, 5));
+        assert_eq!(store.locate("id/layer.tar", "test").unwrap(), direct);
+        assert_eq!(store.locate("./id2/layer.tar", "test").unwrap(), direct);
+        assert_eq!(store.read_small("manifest.json", "test", 5).unwrap(), b"[1,2]");
+        let errors = [
+            (store.locate("bad/layer.tar", "test").unwrap_err(), "leaves the image"),
+            (store.locate("loop", "test").unwrap_err(), "leaves the image"),
+            (store.locate("../abc.tar", "test").unwrap_err(), "leaves the image"),
+            (store.locate("nope", "test").unwrap_err(), "nope is missing"),
+            (store.read_small("manifest.json", "test", 4).unwrap_err(), "more than the 4 allowed"),
+        ];
+        for (err, want) in errors {
+            assert!(err.to_string().contains(want), "{err} lacks {want}");
+        }
+        assert!(store.has("manifest.json") && !store.has("index.json"));
+    }
+
+    #[test]
+    fn locates_dir_files_and_refuses_links_outside() {
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), b"s").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("blobs/sha256")).unwrap();
+        fs::write(root.path().join("blobs/sha256/aa"), b"blob").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("blobs/sha256/bb")).unwrap();
+        std::os::unix::fs::symlink("aa", root.path().join("blobs/sha256/cc")).unwrap();
+        let store = Store::open_dir(root.path());
+        let aa = store.locate("blobs/sha256/aa", "t").unwrap();
+        assert_eq!((aa.offset, aa.length), (0, 4));
+        assert_eq!(store.locate("blobs/sha256/cc", "t").unwrap().length, 4);
+        assert!(store.locate("blobs/sha256/bb", "t").unwrap_err().to_string().contains("leaves the image"));
+        assert!(store.locate("blobs/sha256", "t").unwrap_err().to_string().contains("missing"));
+    }
+}
