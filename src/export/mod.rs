@@ -1,0 +1,575 @@
+//! Host streaming export: flatten an image's layers into one rootfs tar
+//! with no VM, no root and no extraction to a directory.
+//!
+//! Two passes:
+//! 1. [`read`]: every layer's tar headers are read (layers in parallel),
+//!    its uncompressed bytes hashed and checked against the config's
+//!    diff_id; an uncompressed layer stays where the image stores it, a
+//!    compressed one is spooled decompressed to an unnamed temporary file.
+//!    Each layer becomes a [`tree::LayerTree`] (paths, metadata and data
+//!    offsets, never data), merged bottom first into one
+//!    [`tree::Merged`] by the overlayfs rules that module states.
+//! 2. [`write`]: the merged tree is walked depth first and written with
+//!    the shared deterministic [`tarfmt`](runasroot_guest::tarfmt) writer,
+//!    file data read by offset.
+//!
+//! Memory grows with the number of entries, never with file sizes. The
+//! result is byte for byte what the in-VM engine (tar of the merged
+//! overlay view) writes for the same image.
+
+mod read;
+mod tree;
+mod write;
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use crate::image::{Digest, Layer};
+
+/// At most this many layers are read at once: reading is CPU-bound
+/// (hashing, decompressing) and each reader holds a few buffers.
+const MAX_READERS: usize = 8;
+
+/// How to export.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// SOURCE_DATE_EPOCH: no mtime in the export is later than this.
+    pub clamp_mtime: Option<u64>,
+    /// Where compressed layers are spooled decompressed (unnamed files,
+    /// gone when the export ends, however it ends).
+    pub temp_dir: PathBuf,
+}
+
+/// What an export did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ExportStats {
+    pub layers: usize,
+    /// Entries written (directories, files, links, devices).
+    pub entries: u64,
+    /// Of those, hard links to an earlier entry.
+    pub hardlinks: u64,
+    /// Hard links whose target was in a lower layer, written as copies.
+    pub materialised_links: u64,
+    /// File content written.
+    pub data_bytes: u64,
+    /// The whole tar written.
+    pub tar_bytes: u64,
+    /// Decompressed bytes spooled to temporary files.
+    pub spooled_bytes: u64,
+}
+
+/// Why an export failed. `layer` reads like `layer 2 (blobs/sha256/…)`.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("cannot open {layer} at {path}")]
+    OpenLayer {
+        layer: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read {layer}: its bytes are truncated, corrupt or not a tar (of the compression detected)")]
+    ReadLayer {
+        layer: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot spool the decompressed {layer} to a temporary file in {dir}: \
+         point TMPDIR at a writable directory with room for the uncompressed layer"
+    )]
+    Spool {
+        layer: String,
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{layer} is corrupt: its uncompressed tar has digest {found}, the image config says {expected}")]
+    DiffIdMismatch { layer: String, expected: Digest, found: Digest },
+    #[error("{layer}: entry {entry:?}: {reason}")]
+    BadPath { layer: String, entry: String, reason: &'static str },
+    #[error("{layer}: entry {entry:?}: invalid header field {field}")]
+    BadHeader {
+        layer: String,
+        entry: String,
+        field: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{layer}: entry {entry:?}: {what} entries are not supported in an image layer")]
+    UnsupportedEntry { layer: String, entry: String, what: String },
+    #[error("{layer}: entry {entry:?}: invalid whiteout name (a bare \".wh.\")")]
+    InvalidWhiteout { layer: String, entry: String },
+    #[error(
+        "{layer}: entry {entry}: its parent {parent} is not a directory in this layer \
+         (refusing to write through a symlink or a file)"
+    )]
+    ParentNotDirectory { layer: String, entry: String, parent: String },
+    #[error(
+        "{layer}: entry {entry} writes into {path}, which is a symlink or a file in the layers below \
+         (refusing to follow it: the layer must replace {path} with a directory entry first)"
+    )]
+    WritesIntoNonDirectory { layer: String, entry: String, path: String },
+    #[error("{layer}: hard link {entry} -> {target}: the target is a directory")]
+    HardlinkToDirectory { layer: String, entry: String, target: String },
+    #[error("{layer}: hard link {entry} -> {target}: no regular file at that path in this layer or the layers below")]
+    HardlinkTargetMissing { layer: String, entry: String, target: String },
+    #[error("cannot read the content of {entry} from {layer}")]
+    ReadData {
+        layer: String,
+        entry: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write the export (at entry {entry})")]
+    WriteOutput {
+        entry: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot finish writing the export")]
+    FinishOutput(#[source] io::Error),
+}
+
+/// Flattens `layers` (bottom first) into one tar on `out`. `out` should be
+/// buffered: entries are written in header-sized and 8 KiB pieces.
+pub fn export(layers: &[Layer], opts: &ExportOptions, out: &mut dyn Write) -> Result<ExportStats, ExportError> {
+    let indexed = index_layers(layers, &opts.temp_dir)?;
+    let written = write::write_tar(&indexed.merged, &indexed.sources, opts.clamp_mtime, out)?;
+    Ok(ExportStats {
+        layers: layers.len(),
+        entries: written.entries,
+        hardlinks: written.hardlinks,
+        materialised_links: indexed.materialised_links,
+        data_bytes: written.data_bytes,
+        tar_bytes: written.tar_bytes,
+        spooled_bytes: indexed.spooled_bytes,
+    })
+}
+
+/// How a layer is named in errors.
+fn label(layer: &Layer) -> String {
+    format!("layer {} ({})", layer.index, layer.name)
+}
+
+/// Pass 1's result.
+struct Indexed {
+    merged: tree::Merged,
+    /// Where each layer's uncompressed tar is, by position in `layers`.
+    sources: Vec<read::Source>,
+    materialised_links: u64,
+    spooled_bytes: u64,
+}
+
+/// Reads the layers in parallel and merges them in order as they arrive,
+/// so the first error in layer order is the one reported, whatever the
+/// timing.
+fn index_layers(layers: &[Layer], temp_dir: &Path) -> Result<Indexed, ExportError> {
+    let readers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_READERS).min(layers.len());
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel();
+        for _ in 0..readers {
+            let tx = tx.clone();
+            let (next, stop) = (&next, &stop);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= layers.len() || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = read::read_layer(&layers[i], i as u32, temp_dir, stop);
+                if tx.send((i, r)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let merged = merge_in_order(layers, rx);
+        if merged.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        merged
+    })
+}
+
+fn merge_in_order(
+    layers: &[Layer],
+    rx: mpsc::Receiver<(usize, Result<read::ReadLayer, ExportError>)>,
+) -> Result<Indexed, ExportError> {
+    let mut indexed =
+        Indexed { merged: tree::Merged::new(), sources: Vec::with_capacity(layers.len()), materialised_links: 0, spooled_bytes: 0 };
+    let mut pending = BTreeMap::new();
+    for (i, r) in rx {
+        pending.insert(i, r);
+        while let Some(r) = pending.remove(&indexed.sources.len()) {
+            let layer = r?;
+            let i = indexed.sources.len();
+            indexed.materialised_links += indexed.merged.apply(layer.tree, &label(&layers[i]))?;
+            indexed.spooled_bytes += layer.spooled_bytes;
+            indexed.sources.push(layer.source);
+        }
+    }
+    // Every reader sent its layer or stopped because of an error above.
+    assert_eq!(indexed.sources.len(), layers.len(), "a layer reader stopped without a result");
+    Ok(indexed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{BlobRef, Compression};
+    use sha2::{Digest as _, Sha256};
+    use std::io::Read;
+
+    /// One entry of a test layer tar.
+    #[derive(Clone)]
+    struct T {
+        path: &'static str,
+        ty: tar::EntryType,
+        mode: u32,
+        uid: u64,
+        mtime: u64,
+        data: Vec<u8>,
+        link: &'static str,
+        dev: (u32, u32),
+        pax: Vec<(&'static str, Vec<u8>)>,
+    }
+
+    fn t(path: &'static str, ty: tar::EntryType) -> T {
+        T { path, ty, mode: 0o644, uid: 0, mtime: 1000, data: vec![], link: "", dev: (0, 0), pax: vec![] }
+    }
+    fn dir(path: &'static str) -> T {
+        T { mode: 0o755, ..t(path, tar::EntryType::Directory) }
+    }
+    fn file(path: &'static str, data: &str) -> T {
+        T { data: data.as_bytes().to_vec(), ..t(path, tar::EntryType::Regular) }
+    }
+    fn link(path: &'static str, ty: tar::EntryType, target: &'static str) -> T {
+        T { link: target, ..t(path, ty) }
+    }
+    impl T {
+        fn mode(self, mode: u32) -> T {
+            T { mode, ..self }
+        }
+        fn pax(mut self, k: &'static str, v: &[u8]) -> T {
+            self.pax.push((k, v.to_vec()));
+            self
+        }
+    }
+
+    fn tar_of(entries: &[T]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(e.ty);
+            h.set_mode(e.mode);
+            h.set_uid(e.uid);
+            h.set_mtime(e.mtime);
+            h.set_size(e.data.len() as u64);
+            if matches!(e.ty, tar::EntryType::Char | tar::EntryType::Block) {
+                h.set_device_major(e.dev.0).unwrap();
+                h.set_device_minor(e.dev.1).unwrap();
+            }
+            let mut pax = e.pax.clone();
+            if e.path.len() > 100 {
+                pax.push(("path", e.path.as_bytes().to_vec()));
+            } else {
+                h.as_old_mut().name[..e.path.len()].copy_from_slice(e.path.as_bytes());
+            }
+            h.as_old_mut().linkname[..e.link.len()].copy_from_slice(e.link.as_bytes());
+            h.set_cksum();
+            if !pax.is_empty() {
+                b.append_pax_extensions(pax.iter().map(|(k, v)| (*k, v.as_slice()))).unwrap();
+            }
+            b.append(&h, &e.data[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn compress(tar: &[u8], c: Compression) -> Vec<u8> {
+        match c {
+            Compression::None => tar.to_vec(),
+            Compression::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(tar).unwrap();
+                e.finish().unwrap()
+            }
+            Compression::Zstd => zstd::encode_all(tar, 1).unwrap(),
+        }
+    }
+
+    fn sha(bytes: &[u8]) -> Digest {
+        Digest::from_sha256(&Sha256::digest(bytes))
+    }
+
+    /// Writes the layers, all into one file one after the other (as in a
+    /// docker-archive), and describes them.
+    fn layers(dir: &Path, tars: &[(Vec<u8>, Compression)]) -> Vec<Layer> {
+        let path = dir.join("archive");
+        let mut all = b"leading junk".to_vec();
+        let mut out = vec![];
+        for (i, (tar, c)) in tars.iter().enumerate() {
+            let stored = compress(tar, *c);
+            out.push(Layer {
+                index: i,
+                blob: BlobRef { file: path.clone(), offset: all.len() as u64, length: stored.len() as u64 },
+                blob_digest: sha(&stored),
+                diff_id: sha(tar),
+                compression: *c,
+                name: format!("l{i}/layer.tar"),
+            });
+            all.extend_from_slice(&stored);
+        }
+        std::fs::write(&path, all).unwrap();
+        out
+    }
+
+    fn run(tars: &[(Vec<u8>, Compression)], clamp: Option<u64>) -> Result<(Vec<u8>, ExportStats), ExportError> {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        let layers = layers(dir.path(), tars);
+        let mut out = Vec::new();
+        let stats = export(&layers, &ExportOptions { clamp_mtime: clamp, temp_dir: spool.clone() }, &mut out)?;
+        assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "spool files left behind");
+        Ok((out, stats))
+    }
+
+    /// Every entry as "path type mode uid mtime size link dev [pax] data".
+    fn listing(bytes: &[u8]) -> Vec<String> {
+        let mut a = tar::Archive::new(bytes);
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let h = e.header().clone();
+                let mut pax: Vec<String> = e
+                    .pax_extensions()
+                    .unwrap()
+                    .map(|x| {
+                        x.map(|x| {
+                            let x = x.unwrap();
+                            format!("{}={}", x.key().unwrap(), String::from_utf8_lossy(x.value_bytes()))
+                        })
+                        .collect()
+                    })
+                    .unwrap_or_default();
+                pax.sort();
+                let dev = match h.entry_type() {
+                    tar::EntryType::Char | tar::EntryType::Block => {
+                        format!(" {}:{}", h.device_major().unwrap().unwrap(), h.device_minor().unwrap().unwrap())
+                    }
+                    _ => String::new(),
+                };
+                let link = e.link_name_bytes().map(|l| format!(" ->{}", String::from_utf8_lossy(&l))).unwrap_or_default();
+                let mut data = String::new();
+                e.read_to_string(&mut data).unwrap();
+                format!(
+                    "{} {:?} {:o} {} {} {}{link}{dev} [{}] {data:?}",
+                    String::from_utf8_lossy(&e.path_bytes()),
+                    h.entry_type(),
+                    h.mode().unwrap(),
+                    h.uid().unwrap(),
+                    h.mtime().unwrap(),
+                    h.size().unwrap(),
+                    pax.join(",")
+                )
+            })
+            .collect()
+    }
+
+    use tar::EntryType as E;
+
+    #[test]
+    fn exports_the_merged_tree_with_every_kind_of_entry() {
+        let long: &'static str = Box::leak("x".repeat(150).into_boxed_str());
+        let base = tar_of(&[
+            dir("./"),
+            dir("./bin"),
+            file("./bin/sh", "shell").mode(0o4755),
+            link("./bin/ash", E::Link, "./bin/sh"),
+            dir("./dev"),
+            T { dev: (1, 3), ..t("./dev/null", E::Char) }.mode(0o666),
+            T { dev: (8, 0), ..t("./dev/sda", E::Block) }.mode(0o660),
+            t("./dev/fifo", E::Fifo),
+            dir("./etc"),
+            file("./etc/passwd", "root"),
+            file("./etc/gone", "x"),
+            link("./etc/mtab", E::Symlink, "/proc/mounts").mode(0o644),
+            dir("./tmp").mode(0o1777),
+            file("./ping", "p")
+                .pax("SCHILY.xattr.security.capability", b"\x01\x00")
+                .pax("SCHILY.xattr.trusted.overlay.origin", b"x"),
+            T { uid: 3_000_000, ..file("big-uid", "") }.pax("mtime", b"2000.75"),
+        ]);
+        let top = tar_of(&[
+            file("etc/.wh.gone", ""),
+            file("tmp/new", "n"),
+            link("sh2", E::Link, "bin/sh"),
+            file(long, "l"),
+        ]);
+        let (out, stats) = run(&[(base, Compression::None), (top, Compression::None)], None).unwrap();
+        let want = vec![
+            "big-uid Regular 644 3000000 2000 0 [uid=3000000] \"\"".to_string(),
+            "bin/ Directory 755 0 1000 0 [] \"\"".into(),
+            "bin/ash Regular 4755 0 1000 5 [] \"shell\"".into(),
+            "bin/sh Link 4755 0 1000 0 ->bin/ash [] \"\"".into(),
+            "dev/ Directory 755 0 1000 0 [] \"\"".into(),
+            "dev/fifo Fifo 644 0 1000 0 [] \"\"".into(),
+            "dev/null Char 666 0 1000 0 1:3 [] \"\"".into(),
+            "dev/sda Block 660 0 1000 0 8:0 [] \"\"".into(),
+            "etc/ Directory 755 0 1000 0 [] \"\"".into(),
+            "etc/mtab Symlink 777 0 1000 0 ->/proc/mounts [] \"\"".into(),
+            "etc/passwd Regular 644 0 1000 4 [] \"root\"".into(),
+            "ping Regular 644 0 1000 1 [SCHILY.xattr.security.capability=\u{1}\u{0}] \"p\"".into(),
+            "sh2 Regular 4755 0 1000 5 [] \"shell\"".into(),
+            "tmp/ Directory 1777 0 1000 0 [] \"\"".into(),
+            "tmp/new Regular 644 0 1000 1 [] \"n\"".into(),
+            format!("{long} Regular 644 0 1000 1 [path={long}] \"l\""),
+        ];
+        assert_eq!(listing(&out), want);
+        assert_eq!(
+            stats,
+            ExportStats {
+                layers: 2,
+                entries: want.len() as u64,
+                hardlinks: 1,
+                materialised_links: 1,
+                data_bytes: 5 + 4 + 1 + 5 + 1 + 1,
+                tar_bytes: out.len() as u64,
+                spooled_bytes: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn compressed_layers_give_the_same_bytes_and_leave_no_spool() {
+        let base = tar_of(&[dir("a"), file("a/f", &"data".repeat(100_000)), file("a/g", "g")]);
+        let top = tar_of(&[file("a/.wh.g", ""), file("a/h", "h")]);
+        let mut outputs = vec![];
+        for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            let (out, stats) = run(&[(base.clone(), c), (top.clone(), c)], None).unwrap();
+            let spooled = if c == Compression::None { 0 } else { (base.len() + top.len()) as u64 };
+            assert_eq!(stats.spooled_bytes, spooled, "{c:?}");
+            outputs.push(out);
+        }
+        assert_eq!(outputs[0], outputs[1]);
+        assert_eq!(outputs[0], outputs[2]);
+        assert_eq!(listing(&outputs[0]).len(), 3);
+    }
+
+    #[test]
+    fn same_input_same_bytes_and_clamp_applies() {
+        let l = tar_of(&[dir("d"), T { mtime: 5_000, ..file("d/f", "x") }, T { mtime: 10, ..file("d/old", "y") }]);
+        let (a, _) = run(&[(l.clone(), Compression::Gzip)], None).unwrap();
+        let (b, _) = run(&[(l.clone(), Compression::Gzip)], None).unwrap();
+        assert_eq!(a, b);
+        let (c, _) = run(&[(l, Compression::None)], Some(2_000)).unwrap();
+        let mtimes: Vec<String> = listing(&c).iter().map(|l| l.split(' ').nth(4).unwrap().to_string()).collect();
+        assert_eq!(mtimes, ["1000", "2000", "10"]);
+    }
+
+    #[test]
+    fn refuses_bad_layers_naming_them() {
+        let good = tar_of(&[file("f", "x")]);
+        type Tars = Vec<(Vec<u8>, Compression)>;
+        type Tweak = Box<dyn Fn(&mut Vec<Layer>)>;
+        let cases: Vec<(&str, Tars, Tweak, String)> = vec![
+            (
+                "diff_id mismatch",
+                vec![(good.clone(), Compression::None), (good.clone(), Compression::Gzip)],
+                Box::new(|ls: &mut Vec<Layer>| ls[1].diff_id = sha(b"other")),
+                format!(
+                    "layer 1 (l1/layer.tar) is corrupt: its uncompressed tar has digest {}, the image config says {}",
+                    sha(&good),
+                    sha(b"other")
+                ),
+            ),
+            (
+                "truncated archive",
+                vec![(good.clone(), Compression::None)],
+                Box::new(|ls: &mut Vec<Layer>| ls[0].blob.length += 10_000),
+                "cannot read layer 0 (l0/layer.tar): its bytes are truncated, corrupt or not a tar (of the compression detected)"
+                    .into(),
+            ),
+            (
+                "not gzip",
+                vec![(good.clone(), Compression::None)],
+                Box::new(|ls: &mut Vec<Layer>| ls[0].compression = Compression::Gzip),
+                "cannot read layer 0 (l0/layer.tar): its bytes are truncated, corrupt or not a tar (of the compression detected)"
+                    .into(),
+            ),
+            (
+                "missing blob",
+                vec![(good.clone(), Compression::None)],
+                Box::new(|ls: &mut Vec<Layer>| ls[0].blob.file = "/nonexistent/blob".into()),
+                "cannot open layer 0 (l0/layer.tar) at /nonexistent/blob".into(),
+            ),
+            (
+                "dot-dot",
+                vec![(tar_of(&[file("a/../../etc/passwd", "x")]), Compression::None)],
+                Box::new(|_: &mut Vec<Layer>| {}),
+                "layer 0 (l0/layer.tar): entry \"a/../../etc/passwd\": a `..` component leads outside the root".into(),
+            ),
+            (
+                "breakout through a lower symlink",
+                vec![
+                    (tar_of(&[link("etc", E::Symlink, "/")]), Compression::None),
+                    (tar_of(&[file("etc/shadow", "x")]), Compression::Zstd),
+                ],
+                Box::new(|_: &mut Vec<Layer>| {}),
+                "layer 1 (l1/layer.tar): entry etc/shadow writes into etc, which is a symlink or a file in the layers below \
+                 (refusing to follow it: the layer must replace etc with a directory entry first)"
+                    .into(),
+            ),
+            (
+                "volume labels",
+                vec![(tar_of(&[t("v", E::new(b'V'))]), Compression::None)],
+                Box::new(|_: &mut Vec<Layer>| {}),
+                "layer 0 (l0/layer.tar): entry \"v\": typeflag 'V' entries are not supported in an image layer"
+                    .into(),
+            ),
+        ];
+        for (name, tars, tweak, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let mut ls = layers(dir.path(), &tars);
+            tweak(&mut ls);
+            let opts = ExportOptions { clamp_mtime: None, temp_dir: dir.path().to_path_buf() };
+            let err = export(&ls, &opts, &mut Vec::new()).unwrap_err();
+            assert_eq!(err.to_string(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn an_unusable_temp_dir_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ls = layers(dir.path(), &[(tar_of(&[file("f", "x")]), Compression::Gzip)]);
+        let opts = ExportOptions { clamp_mtime: None, temp_dir: dir.path().join("missing") };
+        let err = export(&ls, &opts, &mut Vec::new()).unwrap_err();
+        assert!(matches!(&err, ExportError::Spool { dir: d, .. } if d == &dir.path().join("missing")), "{err}");
+    }
+
+    #[test]
+    fn many_layers_merge_in_order() {
+        // 130 layers each replacing /f and adding /dN: the top /f wins
+        // whatever order the parallel readers finish in.
+        let tars: Vec<(Vec<u8>, Compression)> = (0..130)
+            .map(|i| {
+                let d: &'static str = Box::leak(format!("d{i:03}").into_boxed_str());
+                let content: &'static str = Box::leak(format!("layer {i}").into_boxed_str());
+                let c = [Compression::None, Compression::Gzip, Compression::Zstd][i % 3];
+                (tar_of(&[file("f", content), dir(d)]), c)
+            })
+            .collect();
+        let (out, stats) = run(&tars, None).unwrap();
+        let l = listing(&out);
+        assert_eq!(l.len(), 131);
+        assert_eq!(l[0], "d000/ Directory 755 0 1000 0 [] \"\"");
+        assert_eq!(l[130], "f Regular 644 0 1000 9 [] \"layer 129\"");
+        assert_eq!(stats.layers, 130);
+    }
+}

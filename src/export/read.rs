@@ -1,0 +1,395 @@
+//! Pass 1: read one layer's tar headers into a [`LayerTree`], hashing the
+//! uncompressed stream against the layer's diff_id.
+//!
+//! An uncompressed layer is read where the image stores it (a byte range
+//! of the archive or a blob file) and its file data is later read from
+//! there by offset. A compressed layer is decompressed once, and the
+//! uncompressed tar spooled to an unnamed temporary file that pass 2
+//! reads by offset; the file disappears when the export is done.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sha2::{Digest as _, Sha256};
+
+use super::tree::{normalize, Content, EntryKind, Inode, LayerTree, Meta};
+use super::{label, ExportError};
+use crate::image::{Compression, Digest, Layer};
+use runasroot_guest::tarfmt::MODE_BITS;
+use runasroot_guest::whiteout::{self, Name};
+
+/// Read and spool buffer size: large enough that syscalls and hashing
+/// run in big pieces, small enough that parallel readers stay far below
+/// the export's memory budget.
+const BUF: usize = 256 << 10;
+/// How often (in entries) a reader checks whether another layer failed.
+const STOP_CHECK_EVERY: usize = 256;
+
+/// Where a layer's uncompressed tar can be read by offset.
+#[derive(Debug)]
+pub(crate) struct Source {
+    pub file: File,
+    /// Offset of the tar's first byte in `file`.
+    pub base: u64,
+    /// How the layer is named in errors.
+    pub label: String,
+}
+
+/// One layer, read.
+#[derive(Debug)]
+pub(crate) struct ReadLayer {
+    pub tree: LayerTree,
+    pub source: Source,
+    pub spooled_bytes: u64,
+}
+
+/// Reads layer `layer` (the `source`-th of the export) into a tree.
+pub(crate) fn read_layer(layer: &Layer, source: u32, temp_dir: &Path, stop: &AtomicBool) -> Result<ReadLayer, ExportError> {
+    let label = label(layer);
+    let file = File::open(&layer.blob.file).map_err(|e| ExportError::OpenLayer {
+        layer: label.clone(),
+        path: layer.blob.file.clone(),
+        source: e,
+    })?;
+    let range = RangeReader { file: &file, pos: layer.blob.offset, end: layer.blob.offset.saturating_add(layer.blob.length) };
+    let spool = match layer.compression {
+        Compression::None => None,
+        _ => Some(BufWriter::with_capacity(
+            BUF,
+            tempfile::tempfile_in(temp_dir).map_err(|e| spool_error(&label, temp_dir, e))?,
+        )),
+    };
+    let decoded: Box<dyn Read + '_> = match layer.compression {
+        Compression::None => Box::new(range),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(BUF, range))),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(BUF, range))
+                .map_err(|e| ExportError::ReadLayer { layer: label.clone(), source: e })?,
+        ),
+    };
+    let mut tee = Tee { inner: decoded, hasher: Sha256::new(), len: 0, spool, spool_error: None };
+    let parsed = parse(&mut tee, source, &label, stop);
+    if let Some(e) = tee.spool_error.take() {
+        return Err(spool_error(&label, temp_dir, e));
+    }
+    let tree = parsed?;
+    let found = Digest::from_sha256(&tee.hasher.finalize_reset());
+    if found != layer.diff_id {
+        return Err(ExportError::DiffIdMismatch { layer: label, expected: layer.diff_id.clone(), found });
+    }
+    let spooled_bytes = if tee.spool.is_some() { tee.len } else { 0 };
+    let source = match tee.spool.take() {
+        None => {
+            drop(tee);
+            Source { file, base: layer.blob.offset, label }
+        }
+        Some(w) => {
+            let spooled = w.into_inner().map_err(|e| spool_error(&label, temp_dir, e.into_error()))?;
+            Source { file: spooled, base: 0, label }
+        }
+    };
+    Ok(ReadLayer { tree, source, spooled_bytes })
+}
+
+fn spool_error(label: &str, dir: &Path, source: io::Error) -> ExportError {
+    ExportError::Spool { layer: label.to_string(), dir: dir.to_path_buf(), source }
+}
+
+/// Parses the tar on `stream` (to its very end: the digest covers the
+/// padding after the end-of-archive blocks too).
+fn parse(stream: &mut dyn Read, source: u32, label: &str, stop: &AtomicBool) -> Result<LayerTree, ExportError> {
+    let read_error = |e| ExportError::ReadLayer { layer: label.to_string(), source: e };
+    let mut archive = tar::Archive::new(BufReader::with_capacity(BUF, stream));
+    let mut tree = LayerTree::new();
+    for (n, entry) in archive.entries().map_err(read_error)?.enumerate() {
+        if n % STOP_CHECK_EVERY == 0 && stop.load(Ordering::Relaxed) {
+            return Err(read_error(io::Error::other("stopped: another layer failed")));
+        }
+        let mut entry = entry.map_err(read_error)?;
+        if let Some((path, kind)) = convert(&mut entry, source, label)? {
+            tree.insert(&path, kind, label)?;
+        }
+    }
+    io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(read_error)?;
+    Ok(tree)
+}
+
+/// What a tar entry says, as a normalised path and an [`EntryKind`];
+/// `None` for entries that describe no file (PAX global headers).
+fn convert<R: Read>(entry: &mut tar::Entry<'_, R>, source: u32, label: &str) -> Result<Option<(Vec<u8>, EntryKind)>, ExportError> {
+    let raw = entry.path_bytes().into_owned();
+    let name = || String::from_utf8_lossy(&raw).into_owned();
+    let bad_path = |reason| ExportError::BadPath { layer: label.to_string(), entry: name(), reason };
+    let header = entry.header().clone();
+    let entry_type = header.entry_type();
+    if entry_type.is_pax_global_extensions() {
+        return Ok(None);
+    }
+    let path = normalize(&raw).map_err(bad_path)?;
+    let last = path.rsplit(|&b| b == b'/').next().unwrap_or_default();
+    if !matches!(whiteout::classify(last), Ok(Name::Plain(_))) {
+        return Ok(Some((path, EntryKind::Marker)));
+    }
+    let bad_header = |field, e| ExportError::BadHeader { layer: label.to_string(), entry: name(), field, source: e };
+    // Hard links take their inode's metadata, but a header that cannot be
+    // read is refused whatever the entry.
+    let meta = read_meta(entry_meta(&header, entry), label, &raw)?;
+    let kind = match entry_type {
+        tar::EntryType::Directory => EntryKind::Dir(meta),
+        // Pre-POSIX tars mark directories by a trailing slash on a
+        // regular-file typeflag (NUL), as Go's archive/tar reads them.
+        tar::EntryType::Regular if header.as_bytes()[156] == 0 && raw.ends_with(b"/") => EntryKind::Dir(meta),
+        tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::Node(Inode {
+            content: Content::File { source, offset: entry.raw_file_position(), size: entry.size() },
+            meta,
+        }),
+        tar::EntryType::Symlink => {
+            let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+            if target.is_empty() || target.contains(&0) {
+                return Err(bad_path("a symlink with an empty or NUL-containing target"));
+            }
+            // Linux symlinks have no permission bits of their own: lstat
+            // (the guest's view, umoci's rootfs) always shows 0777.
+            EntryKind::Node(Inode { content: Content::Symlink(target), meta: Meta { mode: 0o777, ..meta } })
+        }
+        tar::EntryType::Link => {
+            let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+            EntryKind::Hardlink(normalize(&target).map_err(bad_path)?)
+        }
+        tar::EntryType::Char | tar::EntryType::Block => {
+            let major = header.device_major().map_err(|e| bad_header("devmajor", e))?;
+            let minor = header.device_minor().map_err(|e| bad_header("devminor", e))?;
+            let (Some(major), Some(minor)) = (major, minor) else {
+                return Err(bad_header("devmajor", io::Error::other("a device in a pre-ustar header")));
+            };
+            let content = if entry_type == tar::EntryType::Char {
+                Content::Char { major, minor }
+            } else {
+                Content::Block { major, minor }
+            };
+            EntryKind::Node(Inode { content, meta })
+        }
+        tar::EntryType::Fifo => EntryKind::Node(Inode { content: Content::Fifo, meta }),
+        other => {
+            let what = format!("typeflag {:?}", char::from(other.as_byte()));
+            return Err(ExportError::UnsupportedEntry { layer: label.to_string(), entry: name(), what });
+        }
+    };
+    Ok(Some((path, kind)))
+}
+
+/// The header fields and PAX records an entry's metadata comes from.
+struct RawMeta {
+    mode: io::Result<u32>,
+    uid: io::Result<u64>,
+    gid: io::Result<u64>,
+    mtime: io::Result<u64>,
+    pax: io::Result<Vec<(String, Vec<u8>)>>,
+}
+
+fn entry_meta<R: Read>(header: &tar::Header, entry: &mut tar::Entry<'_, R>) -> RawMeta {
+    let pax = entry.pax_extensions().and_then(|exts| {
+        let mut out = Vec::new();
+        for ext in exts.into_iter().flatten() {
+            let ext = ext?;
+            let key = ext.key().map_err(|_| io::Error::other("a PAX record with a non-UTF-8 key"))?;
+            out.push((key.to_string(), ext.value_bytes().to_vec()));
+        }
+        Ok(out)
+    });
+    // The tar crate already applied PAX uid, gid and size to the header.
+    let old = header.as_old();
+    RawMeta {
+        mode: or_blank(header.mode(), &old.mode),
+        uid: or_blank(header.uid(), &old.uid),
+        gid: or_blank(header.gid(), &old.gid),
+        mtime: or_blank(header.mtime(), &old.mtime),
+        pax,
+    }
+}
+
+/// An all-blank numeric field reads as 0, as Go's archive/tar (Docker,
+/// umoci) and GNU tar read it.
+fn or_blank<T: Default>(parsed: io::Result<T>, field: &[u8]) -> io::Result<T> {
+    parsed.or_else(|e| if field.iter().all(|&b| b == 0 || b == b' ') { Ok(T::default()) } else { Err(e) })
+}
+
+fn read_meta(raw: RawMeta, label: &str, entry: &[u8]) -> Result<Meta, ExportError> {
+    let bad = |field, e| ExportError::BadHeader {
+        layer: label.to_string(),
+        entry: String::from_utf8_lossy(entry).into_owned(),
+        field,
+        source: e,
+    };
+    let id = |field, v: io::Result<u64>| -> Result<u32, ExportError> {
+        let v = v.map_err(|e| bad(field, e))?;
+        u32::try_from(v).map_err(|_| bad(field, io::Error::other(format!("{v} does not fit Linux's 32-bit ids"))))
+    };
+    let mut meta = Meta {
+        mode: raw.mode.map_err(|e| bad("mode", e))? & MODE_BITS,
+        uid: id("uid", raw.uid)?,
+        gid: id("gid", raw.gid)?,
+        mtime: raw.mtime.map_err(|e| bad("mtime", e))?,
+        xattrs: Vec::new(),
+    };
+    for (key, value) in raw.pax.map_err(|e| bad("pax", e))? {
+        // POSIX pax: a record with an empty value unsets its keyword (Go's
+        // archive/tar, so Docker and umoci, read it so).
+        if key == "mtime" {
+            if !value.is_empty() {
+                meta.mtime = pax_seconds(&value).ok_or_else(|| bad("mtime", io::Error::other("not a PAX time")))?;
+            }
+        } else if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+            // The last record for a name wins, as when a tar is extracted.
+            meta.xattrs.retain(|(n, _)| n != name.as_bytes());
+            // overlayfs-private xattrs would steer the guest's overlay
+            // mount: never taken from a layer (FORMATS.md).
+            if !value.is_empty() && !whiteout::is_overlay_private(name.as_bytes()) {
+                meta.xattrs.push((name.as_bytes().to_vec(), value));
+            }
+        }
+    }
+    meta.xattrs.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(meta)
+}
+
+/// Whole seconds of a PAX time (`123`, `123.456`, `-1.5`); times before
+/// the epoch become 0 (the export's mtime is unsigned).
+fn pax_seconds(value: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(value).ok()?;
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match int.strip_prefix('-') {
+        Some(neg) => neg.parse::<u64>().ok().map(|_| 0),
+        None => int.parse::<u64>().ok(),
+    }
+}
+
+/// Reads `file` from `pos` to `end` with positioned reads, so several
+/// readers can share one archive file; a file shorter than the range is
+/// an error, not a quiet end.
+struct RangeReader<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for RangeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = buf.len().min(usize::try_from(self.end - self.pos).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file ends before the layer's last byte"));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Hashes (and spools, for a compressed layer) the uncompressed stream as
+/// the tar parser reads it.
+struct Tee<R> {
+    inner: R,
+    hasher: Sha256,
+    len: u64,
+    spool: Option<BufWriter<File>>,
+    /// A failed spool write, told apart from a bad layer.
+    spool_error: Option<io::Error>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        if let Some(w) = &mut self.spool {
+            if let Err(e) = w.write_all(&buf[..n]) {
+                self.spool_error = Some(e);
+                return Err(io::Error::other("spooling failed"));
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_pax_times() {
+        let table: &[(&str, Option<u64>)] = &[
+            ("1700000000", Some(1_700_000_000)),
+            ("1700000000.999999999", Some(1_700_000_000)),
+            ("-1.5", Some(0)),
+            ("12x", None),
+            ("1.2.3", None),
+            ("", None),
+        ];
+        for (input, want) in table {
+            assert_eq!(pax_seconds(input.as_bytes()), *want, "{input}");
+        }
+    }
+
+    #[test]
+    fn range_reader_refuses_a_short_file() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(b"0123456789").unwrap();
+        let mut out = Vec::new();
+        RangeReader { file: &f, pos: 2, end: 6 }.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"2345");
+        let err = RangeReader { file: &f, pos: 8, end: 20 }.read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn meta_keeps_last_xattr_drops_unset_and_overlay_ones_and_checks_ids() {
+        let raw = |uid: u64, pax: Vec<(&str, &[u8])>| RawMeta {
+            mode: Ok(0o104755),
+            uid: Ok(uid),
+            gid: Ok(7),
+            mtime: Ok(99),
+            pax: Ok(pax.into_iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect()),
+        };
+        let m = read_meta(
+            raw(
+                1000,
+                vec![
+                    ("SCHILY.xattr.user.b", b"1"),
+                    ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+                    ("SCHILY.xattr.security.capability", b"cap"),
+                    ("SCHILY.xattr.user.b", b"2"),
+                    ("SCHILY.xattr.user.gone", b"x"),
+                    ("SCHILY.xattr.user.gone", b""),
+                    ("SCHILY.xattr.user.empty", b""),
+                    ("mtime", b"123.5"),
+                    ("mtime", b""),
+                    ("comment", b"ignored"),
+                ],
+            ),
+            "l",
+            b"e",
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            Meta {
+                mode: 0o4755,
+                uid: 1000,
+                gid: 7,
+                mtime: 123,
+                xattrs: vec![(b"security.capability".to_vec(), b"cap".to_vec()), (b"user.b".to_vec(), b"2".to_vec())],
+            }
+        );
+        let err = read_meta(raw(1 << 33, vec![]), "layer 0 (x)", b"big").unwrap_err().to_string();
+        assert_eq!(err, "layer 0 (x): entry \"big\": invalid header field uid");
+    }
+}
