@@ -792,6 +792,199 @@ mod tests {
         }
     }
 
+    use crate::testutil::{listing, privileged, TarBuilder, TempDir};
+    use sha2::{Digest, Sha256};
+    use std::path::PathBuf;
+
+    /// Unpacks `tars` (bottom first) as a base, the way main does; the
+    /// digest of layer `bad_digest` is made wrong. Returns the lowerdirs.
+    fn unpack_stack(tmp: &TempDir, tars: &[Vec<u8>], bad_digest: Option<usize>) -> Result<Vec<PathBuf>, LayerError> {
+        let disk_path = tmp.path().join("disk");
+        let mut disk = Vec::new();
+        let mut specs = Vec::new();
+        for (i, t) in tars.iter().enumerate() {
+            let mut diff_id = format!("sha256:{}", hex::encode(Sha256::digest(t)));
+            if bad_digest == Some(i) {
+                diff_id = format!("sha256:{}", "0".repeat(64));
+            }
+            specs.push(LayerSpec {
+                range: runasroot_guest::contract::Blob { offset: disk.len() as u64, length: t.len() as u64 },
+                compression: Compression::None,
+                diff_id,
+            });
+            disk.extend_from_slice(t);
+            disk.extend_from_slice(b"garbage between blobs");
+        }
+        std::fs::write(&disk_path, &disk).unwrap();
+        let disk = File::open(&disk_path).unwrap();
+        let mut lowers = Lowers::new();
+        let mut dirs = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let dir = tmp.path().join(format!("l{i}"));
+            let stats = unpack_layer(i, spec, Some(&disk), &dir, &lowers)?;
+            assert_eq!(stats.diff_id, spec.diff_id);
+            assert_eq!(stats.bytes, spec.range.length);
+            lowers.push(&dir).unwrap();
+            dirs.push(dir);
+        }
+        Ok(dirs)
+    }
+
+    /// A valid `security.capability` (vfs_cap_data revision 2, effective,
+    /// CAP_NET_RAW permitted): the kernel refuses malformed ones.
+    pub const CAP_NET_RAW: &[u8] = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+
+    fn base_layer() -> Vec<u8> {
+        TarBuilder::new()
+            .dir("etc/", 0o755, 0, 100)
+            .file("etc/passwd", "root", 0o644, 0)
+            .file("etc/old", "old", 0o644, 0)
+            .dir("./tmp/", 0o1777, 0, 200)
+            .dir("opq/", 0o755, 0, 300)
+            .file("opq/hidden", "h", 0o644, 0)
+            .dir("usr/", 0o755, 0, 400)
+            .dir("usr/bin/", 0o755, 0, 500)
+            .xattrs(&[("security.capability", CAP_NET_RAW), ("trusted.overlay.redirect", b"/x"), ("user.k", b"v")])
+            .file("usr/bin/ping", "p", 0o4755, 0)
+            .symlink("bin", "usr/bin")
+            .node("dev/null", tar::EntryType::Char, 1, 3)
+            .node("p", tar::EntryType::Fifo, 0, 0)
+            .hardlink("etc/passwd-hl", "etc/passwd")
+            .file("/home/u/f", "u", 0o600, 1000)
+            .finish()
+    }
+
+    #[test]
+    fn unpacks_layers_into_overlay_lowerdirs() {
+        if !privileged() {
+            eprintln!("skipped: needs root (chown, mknod, trusted.* xattrs)");
+            return;
+        }
+        let tmp = TempDir::new("unpack");
+        let top = TarBuilder::new()
+            .file("etc/.wh.old", "", 0o644, 0)
+            .file("opq/.wh..wh..opq", "", 0o644, 0)
+            .dir("opq/", 0o700, 0, 301)
+            .file("opq/shown", "s", 0o644, 0)
+            .file("tmp/x", "x", 0o644, 0)
+            .hardlink("hl", "etc/passwd")
+            .file("keep", "k", 0o644, 0)
+            .file(".wh.keep", "", 0o644, 0)
+            .file(".wh.keep2", "", 0o644, 0)
+            .file("keep2", "k2", 0o644, 0)
+            .dir("d/", 0o755, 0, 600)
+            .file("d/in", "i", 0o644, 0)
+            .file(".wh.d", "", 0o644, 0)
+            .file(".wh.e", "", 0o644, 0)
+            .file("e/f", "f", 0o644, 0)
+            .file("twice", "1", 0o644, 0)
+            .file("twice", "2", 0o644, 0)
+            .dir("twice-dir/", 0o755, 0, 700)
+            .file("twice-dir/a", "a", 0o644, 0)
+            .file("twice-dir", "now a file", 0o644, 0)
+            .finish();
+        let dirs = unpack_stack(&tmp, &[base_layer(), top], None).unwrap();
+        assert_eq!(
+            listing(&dirs[0]),
+            vec![
+                "bin sym 777 0:0 -> usr/bin",
+                "dev dir 755 0:0 mtime=0",
+                "dev/null node 666 0:0 c1:3",
+                "etc dir 755 0:0 mtime=100",
+                "etc/old file 644 0:0 \"old\"",
+                "etc/passwd file 644 0:0 \"root\"",
+                "etc/passwd-hl file 644 0:0 \"root\"",
+                "home dir 755 0:0 mtime=0",
+                "home/u dir 755 0:0 mtime=0",
+                "home/u/f file 600 1000:1000 \"u\"",
+                "opq dir 755 0:0 mtime=300",
+                "opq/hidden file 644 0:0 \"h\"",
+                "p node 666 0:0 p0:0",
+                "tmp dir 1777 0:0 mtime=200",
+                "usr dir 755 0:0 mtime=400",
+                "usr/bin dir 755 0:0 mtime=500",
+                "usr/bin/ping file 4755 0:0 \"p\" [security.capability=\\x01\\x00\\x00\\x02\\x00 \\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00,user.k=v]",
+            ]
+        );
+        let passwd = std::fs::metadata(dirs[0].join("etc/passwd")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::nlink(&passwd), 2, "a same-layer hardlink is a link");
+        assert_eq!(
+            listing(&dirs[1]),
+            vec![
+                "d dir 755 0:0 mtime=600 [trusted.overlay.opaque=y]",
+                "d/in file 644 0:0 \"i\"",
+                "e dir 755 0:0 mtime=0 [trusted.overlay.opaque=y]",
+                "e/f file 644 0:0 \"f\"",
+                "etc dir 755 0:0 mtime=100",
+                "etc/old node 600 0:0 c0:0",
+                "hl file 644 0:0 \"root\"",
+                "keep file 644 0:0 \"k\"",
+                "keep2 file 644 0:0 \"k2\"",
+                "opq dir 700 0:0 mtime=301 [trusted.overlay.opaque=y]",
+                "opq/shown file 644 0:0 \"s\"",
+                "tmp dir 1777 0:0 mtime=200",
+                "tmp/x file 644 0:0 \"x\"",
+                "twice file 644 0:0 \"2\"",
+                "twice-dir file 644 0:0 \"now a file\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_hostile_or_broken_layers_naming_the_entry() {
+        if !privileged() {
+            eprintln!("skipped: needs root (chown, mknod, trusted.* xattrs)");
+            return;
+        }
+        let breakout = TarBuilder::new().symlink("a", "/").file("a/etc/x", "x", 0o644, 0).finish();
+        let dotdot = TarBuilder::new().file("a/../../x", "x", 0o644, 0).finish();
+        let bare = TarBuilder::new().file("etc/.wh.", "", 0o644, 0).finish();
+        let lower_link = TarBuilder::new().symlink("a", "/etc").finish();
+        let below_lower_link = TarBuilder::new().file("a/x", "x", 0o644, 0).finish();
+        let dangling = TarBuilder::new().hardlink("b", "nowhere").finish();
+        let zero_dev = TarBuilder::new().node("c", tar::EntryType::Char, 0, 0).finish();
+        let wh_dir = TarBuilder::new().file(".wh.x/y", "", 0o644, 0).finish();
+        let table: Vec<(Vec<Vec<u8>>, Option<usize>, &str)> = vec![
+            (vec![breakout], None, "layer 0: entry \"a/etc/x\" goes through \"a\", which the same layer made a symlink; refusing to follow it"),
+            (vec![dotdot], None, "layer 0: entry \"a/../../x\": the name has a \"..\" component"),
+            (vec![bare], None, "layer 0: entry \"etc/.wh.\": invalid whiteout name"),
+            (vec![lower_link, below_lower_link], None, "layer 1 writes \"a/x\" below \"a\", which is a symlink in layer 0"),
+            (vec![dangling], None, "layer 0: hardlink \"b\" -> \"nowhere\": the target is neither in this layer nor a file in the layers below"),
+            (vec![zero_dev], None, "layer 0: entry \"c\": a char device 0:0 cannot be stored in a layer"),
+            (vec![wh_dir], None, "layer 0: entry \".wh.x/y\": a directory component \".wh.x\" has a whiteout name"),
+            (vec![base_layer()], Some(0), "layer 0: the image config says its diff_id is sha256:0000"),
+        ];
+        for (tars, bad_digest, want) in table {
+            let tmp = TempDir::new("refuse");
+            let err = unpack_stack(&tmp, &tars, bad_digest).unwrap_err();
+            assert!(err.to_string().starts_with(want), "got: {err}\nwant: {want}");
+            assert_eq!(err.kind(), FailureKind::BadInput, "{err}");
+        }
+    }
+
+    #[test]
+    fn unpacks_compressed_layers_and_hashes_the_uncompressed_bytes() {
+        let tmp = TempDir::new("compressed");
+        let plain = TarBuilder::new().dir("d/", 0o755, nix::unistd::geteuid().as_raw().into(), 5).finish();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &plain).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::encode_all(&plain[..], 3).unwrap();
+        for (bytes, compression) in [(gz, Compression::Gzip), (zst, Compression::Zstd)] {
+            let disk = tmp.path().join("disk");
+            std::fs::write(&disk, &bytes).unwrap();
+            let spec = LayerSpec {
+                range: runasroot_guest::contract::Blob { offset: 0, length: bytes.len() as u64 },
+                compression,
+                diff_id: format!("sha256:{}", hex::encode(Sha256::digest(&plain))),
+            };
+            let dir = tmp.path().join(format!("{compression:?}"));
+            let stats = unpack_layer(0, &spec, Some(&File::open(&disk).unwrap()), &dir, &Lowers::new()).unwrap();
+            assert_eq!((stats.entries, stats.bytes), (1, plain.len() as u64));
+            assert!(dir.join("d").is_dir());
+        }
+    }
+
     #[test]
     fn index_forgets_whole_subtrees_and_reports_opaque_dirs() {
         let mut ix = index(&[("a", Held::Dir), ("a/b", Held::Other), ("a/c", Held::Dir), ("a/c/d", Held::Other), ("ab", Held::Other), ("a.x", Held::Other)]);

@@ -27,6 +27,8 @@ mod nodes;
 mod pack;
 mod script;
 mod sys;
+#[cfg(test)]
+mod testutil;
 
 use std::fs::File;
 use std::io::BufReader;

@@ -262,6 +262,7 @@ impl Skip<'_> {
 }
 
 /// The counters of a written tar.
+#[derive(Debug)]
 pub struct Written {
     pub len: u64,
     pub digest: String,
@@ -495,6 +496,200 @@ mod tests {
         ];
         names.sort_by(|a, b| tarfmt::compare_siblings(a, b));
         assert_eq!(names, vec![b".wh.c".to_vec(), b".wh.z".to_vec(), b"a".to_vec(), b"b".to_vec()]);
+    }
+
+    use crate::testutil::{privileged, tar_listing, TempDir};
+    use std::path::Path;
+
+    /// A tree builder for hand-made upper/lower/merged dirs.
+    struct Tree<'a>(&'a Path);
+
+    impl Tree<'_> {
+        fn p(&self, rel: &str) -> std::path::PathBuf {
+            self.0.join(rel)
+        }
+        fn dir(&self, rel: &str, mode: u32, owner: u32) -> &Self {
+            std::fs::create_dir_all(self.p(rel)).unwrap();
+            self.meta(rel, mode, owner)
+        }
+        fn file(&self, rel: &str, data: &str, mode: u32) -> &Self {
+            std::fs::create_dir_all(self.p(rel).parent().unwrap()).unwrap();
+            std::fs::write(self.p(rel), data).unwrap();
+            self.meta(rel, mode, 0)
+        }
+        fn meta(&self, rel: &str, mode: u32, owner: u32) -> &Self {
+            std::os::unix::fs::chown(self.p(rel), Some(owner), Some(owner)).unwrap();
+            std::fs::set_permissions(self.p(rel), std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+            self
+        }
+        fn node(&self, rel: &str, kind: SFlag, major: u64, minor: u64) -> &Self {
+            nix::sys::stat::mknod(&self.p(rel), kind, Mode::from_bits_truncate(0o644), nix::sys::stat::makedev(major, minor)).unwrap();
+            self
+        }
+        fn xattr(&self, rel: &str, k: &str, v: &[u8]) -> &Self {
+            let p = CStringPath::new(&self.p(rel));
+            crate::sys::lsetxattr(&p.0, &std::ffi::CString::new(k).unwrap(), v).unwrap();
+            self
+        }
+        fn link(&self, from: &str, to: &str) -> &Self {
+            std::fs::hard_link(self.p(from), self.p(to)).unwrap();
+            self
+        }
+        fn mtime(&self, rel: &str, t: i64) -> &Self {
+            let p = CStringPath::new(&self.p(rel));
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                p.0.as_c_str(),
+                &nix::sys::time::TimeSpec::new(t, 0),
+                &nix::sys::time::TimeSpec::new(t, 0),
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+            self
+        }
+    }
+
+    struct CStringPath(std::ffi::CString);
+    impl CStringPath {
+        fn new(p: &Path) -> Self {
+            CStringPath(std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap())
+        }
+    }
+
+    /// A regular file standing in for the output disk.
+    fn disk(tmp: &TempDir) -> (File, std::path::PathBuf) {
+        let p = tmp.path().join("output");
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        (f, p)
+    }
+
+    fn payload(path: &Path, w: &Written) -> Vec<u8> {
+        let bytes = std::fs::read(path).unwrap();
+        let start = runasroot_guest::contract::PAYLOAD_OFFSET as usize;
+        bytes[start..start + w.len as usize].to_vec()
+    }
+
+    #[test]
+    fn packs_the_upper_dir_per_the_formats_table() {
+        if !privileged() {
+            eprintln!("skipped: needs root (chown, mknod, trusted.* xattrs)");
+            return;
+        }
+        let tmp = TempDir::new("pack");
+        let lower = tmp.path().join("lower");
+        Tree(&lower).dir("etc", 0o755, 0).file("etc/old", "o", 0o644).file("etc/zw", "z", 0o644).dir("opq", 0o755, 0);
+        let mut lowers = Lowers::new();
+        lowers.push(&lower).unwrap();
+
+        let upper = tmp.path().join("upper");
+        Tree(&upper)
+            .dir("etc", 0o755, 0)
+            .node("etc/old", SFlag::S_IFCHR, 0, 0)
+            .node("etc/ghost", SFlag::S_IFCHR, 0, 0)
+            .file("etc/zw", "", 0o644)
+            .xattr("etc/zw", "trusted.overlay.whiteout", b"")
+            .file("etc/passwd", "new", 0o644)
+            .xattr("etc/passwd", "trusted.overlay.origin", b"junk")
+            .xattr("etc/passwd", "user.x", b"1")
+            .dir("opq", 0o755, 0)
+            .xattr("opq", "trusted.overlay.opaque", b"y")
+            .file("opq/n", "n", 0o644)
+            .dir("data", 0o755, 1000)
+            .file("data/a", "same", 0o644)
+            .link("data/a", "data/b")
+            .node("data/c", SFlag::S_IFCHR, 1, 3)
+            .node("data/f", SFlag::S_IFIFO, 0, 0)
+            .file("data/su", "su", 0o4755)
+            .dir("dev", 0o755, 0);
+        let _sock = std::os::unix::net::UnixListener::bind(upper.join("data/s")).unwrap();
+        let (out, out_path) = disk(&tmp);
+        let w = pack_layer(&upper, &lowers, 7, &Skip { top_level: &["dev"] }, &out).unwrap();
+        let bytes = payload(&out_path, &w);
+        assert_eq!(w.digest, format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))));
+        assert_eq!(
+            tar_listing(&bytes),
+            vec![
+                "data/ dir 755 1000:1000 7",
+                "data/a file 644 0:0 7 \"same\"",
+                "data/b link 644 0:0 7 => data/a",
+                "data/c chr 644 0:0 7 1:3",
+                "data/f fifo 644 0:0 7",
+                "data/su file 4755 0:0 7 \"su\"",
+                "etc/ dir 755 0:0 7",
+                "etc/.wh.old file 644 0:0 7 \"\"",
+                "etc/.wh.zw file 644 0:0 7 \"\"",
+                "etc/passwd file 644 0:0 7 \"new\" [user.x=1]",
+                "opq/ dir 755 0:0 7",
+                "opq/.wh..wh..opq file 644 0:0 7 \"\"",
+                "opq/n file 644 0:0 7 \"n\"",
+            ]
+        );
+        assert_eq!(w.entries, 13);
+
+        // The same upper dir packs to the same bytes.
+        let tmp2 = TempDir::new("pack2");
+        let (out2, out2_path) = disk(&tmp2);
+        let w2 = pack_layer(&upper, &lowers, 7, &Skip { top_level: &["dev"] }, &out2).unwrap();
+        assert_eq!(payload(&out2_path, &w2), bytes);
+    }
+
+    #[test]
+    fn refuses_upper_dirs_a_layer_cannot_express() {
+        if !privileged() {
+            eprintln!("skipped: needs root (trusted.* xattrs)");
+            return;
+        }
+        let tmp = TempDir::new("refuse");
+        let lowers = Lowers::new();
+        let upper = tmp.path().join("upper");
+        Tree(&upper).dir("moved", 0o755, 0).xattr("moved", "trusted.overlay.redirect", b"/orig");
+        let (out, _) = disk(&tmp);
+        let e = pack_layer(&upper, &lowers, 1, &Skip { top_level: &[] }, &out).unwrap_err();
+        assert_eq!(e.kind(), FailureKind::Internal);
+        assert!(e.to_string().starts_with("\"moved\" in the upper dir carries trusted.overlay.redirect"), "{e}");
+
+        let upper2 = tmp.path().join("upper2");
+        Tree(&upper2).file(".wh.x", "", 0o644);
+        let e = pack_layer(&upper2, &lowers, 1, &Skip { top_level: &[] }, &out).unwrap_err();
+        assert_eq!(e.kind(), FailureKind::BadInput);
+        assert!(e.to_string().contains("reserves names starting with .wh."), "{e}");
+    }
+
+    #[test]
+    fn exports_the_merged_view_with_image_and_script_times() {
+        if !privileged() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let tmp = TempDir::new("export");
+        let merged = tmp.path().join("merged");
+        let upper = tmp.path().join("upper");
+        Tree(&upper).file("new", "n", 0o644);
+        let t = Tree(&merged);
+        t.dir("etc", 0o755, 0)
+            .file("etc/passwd", "root", 0o644)
+            .link("etc/passwd", "etc/hl2")
+            .mtime("etc/passwd", 5000)
+            .mtime("etc", 100)
+            .file("new", "n", 0o644)
+            .dir("dev", 0o755, 0);
+        std::os::unix::fs::symlink("usr/bin", merged.join("bin")).unwrap();
+        t.mtime("bin", 50);
+        let _sock = std::os::unix::net::UnixListener::bind(merged.join("sock")).unwrap();
+        let (out, out_path) = disk(&tmp);
+        let times = ExportTimes { epoch: 7, clamp: Some(1000) };
+        let w = export(&merged, &upper, &times, &Skip { top_level: &["dev"] }, &out).unwrap();
+        assert_eq!(
+            tar_listing(&payload(&out_path, &w)),
+            vec![
+                "bin sym 777 0:0 50 -> usr/bin",
+                "etc/ dir 755 0:0 100",
+                "etc/hl2 file 644 0:0 1000 \"root\"",
+                "etc/passwd link 644 0:0 1000 => etc/hl2",
+                "new file 644 0:0 7 \"n\"",
+            ]
+        );
     }
 
     #[test]
