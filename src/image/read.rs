@@ -247,7 +247,7 @@ fn open_store(
     io::copy(&mut reader, &mut out).map_err(decompress_err)?;
     io::Write::flush(&mut out).map_err(decompress_err)?;
     drop(out);
-    let store = Store::open_tar(&temp_path)?;
+    let store = Store::open_tar(&temp_path)?.labelled(path, codec_name);
     Ok((store, Some(temp_path), Some(codec_name)))
 }
 
@@ -551,7 +551,8 @@ fn resolve_oci(
         };
     }
     let mut chosen = pick_platform(store, &candidates, platform)?.clone();
-    let name = wanted.map(str::to_string).or_else(|| chosen.display_name());
+    // What the archive calls it (`b:2` for `docker.io/library/b:2`).
+    let name = chosen.display_name().or_else(|| wanted.map(str::to_string));
     let mut siblings = vec![];
     let mut referrer = "index.json".to_string();
     for _ in 0..=MAX_INDEX_DEPTH {

@@ -35,7 +35,9 @@ pub enum Member {
 /// An image's files.
 #[derive(Debug)]
 pub enum Store {
-    Tar { path: PathBuf, members: HashMap<String, Member> },
+    /// `label` names it in messages (the user's file, not a temporary
+    /// decompressed copy).
+    Tar { path: PathBuf, label: String, members: HashMap<String, Member> },
     Dir { root: PathBuf },
 }
 
@@ -113,7 +115,18 @@ impl Store {
             // when the archive is extracted.
             members.insert(name, member);
         }
-        Ok(Store::Tar { path: path.to_path_buf(), members })
+        Ok(Store::Tar { path: path.to_path_buf(), label: path.display().to_string(), members })
+    }
+
+    /// Names the store after `original` in messages: a decompressed copy
+    /// is read, but the user knows the file they gave.
+    pub fn labelled(self, original: &Path, codec: &str) -> Store {
+        match self {
+            Store::Tar { path, members, .. } => {
+                Store::Tar { path, label: format!("{} (decompressed {codec})", original.display()), members }
+            }
+            dir => dir,
+        }
     }
 
     pub fn open_dir(root: &Path) -> Store {
@@ -123,7 +136,8 @@ impl Store {
     /// The archive or directory, for messages.
     pub fn name(&self) -> String {
         match self {
-            Store::Tar { path, .. } | Store::Dir { root: path } => path.display().to_string(),
+            Store::Tar { label, .. } => label.clone(),
+            Store::Dir { root } => root.display().to_string(),
         }
     }
 
@@ -164,7 +178,7 @@ impl Store {
         let missing = |member: &str| ImageError::MissingMember { source_name: self.name(), member: member.to_string() };
         let mut current = clean_path(name).ok_or_else(|| unsafe_path(name))?;
         match self {
-            Store::Tar { path, members } => {
+            Store::Tar { path, members, .. } => {
                 for _ in 0..=MAX_LINK_HOPS {
                     match members.get(&current) {
                         Some(Member::File { offset, size }) => {

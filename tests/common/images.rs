@@ -588,8 +588,11 @@ fn stage_image(stage: &Path, img: &Image, corrupt: Corrupt, n: usize) -> StagedI
     let config_name = if corrupt == Corrupt::ConfigDigest {
         // Bytes changed after naming: same name, other content.
         let named = config_blob.hex.clone();
+        // Same length, one byte changed (2001 → 2002 in `created`), so
+        // only the digest can tell.
         let mut bad = config_bytes.clone();
-        bad.extend_from_slice(b" ");
+        let at = bad.windows(4).position(|w| w == b"2001").expect("created is in 2001");
+        bad[at + 3] = b'2';
         config_blob = stage_bytes(stage, &bad);
         named
     } else {
