@@ -713,3 +713,28 @@ fn bench_open_verifies_a_large_base() {
         ours / peer
     );
 }
+
+#[test]
+fn opens_deep_stacks_and_reports_hashing_progress() {
+    // Docker stops at 125 layers; runasroot must take at least 128.
+    let tmp = tempfile::tempdir().unwrap();
+    let layers: Vec<Layer> = (0..130).map(|i| layer(vec![file(format!("f{i}"), format!("{i}"))])).collect();
+    for build in [Format::DockerLegacy, Format::OciDir].map(Build::new) {
+        let path = tmp.path().join(format!("deep-{}", file_name(&build)));
+        let built = write(&path, &build, &[image(layers.clone())]);
+        let seen = std::cell::RefCell::new(vec![]);
+        let img = image::open_with_progress(path.to_str().unwrap(), &opts(tmp.path()), &|phase, done, total| {
+            seen.borrow_mut().push((phase.to_string(), done, total))
+        })
+        .unwrap();
+        let digests: Vec<String> = img.layers.iter().map(|l| l.blob_digest.to_string()).collect();
+        assert_eq!(digests, built.images[0].layer_digests, "{build:?}");
+        let seen = seen.into_inner();
+        let total: u64 = img.layers.iter().map(|l| l.blob.length).sum();
+        assert_eq!(seen.len(), 130, "one report per (small) layer");
+        assert_eq!(seen.last().unwrap(), &("verifying layer 130/130".to_string(), total, total));
+        assert!(seen.windows(2).all(|w| w[0].1 < w[1].1), "progress only grows");
+        let disk = img.layer_disk(tmp.path()).unwrap();
+        assert_eq!(disk.ranges.len(), 130);
+    }
+}
