@@ -323,7 +323,8 @@ fn refuses_hostile_and_unknown_archives() {
     let manifest = |layer: &str| format!(r#"[{{"Config":"c.json","RepoTags":["x:1"],"Layers":["{layer}"]}}]"#);
     let xz = [0xfd, b'7', b'z', b'X', b'Z', 0, 1, 2];
     let big = vec![b' '; (16 << 20) + 1];
-    let cases: Vec<(&str, Vec<(&str, Vec<u8>)>, &str)> = vec![
+    type Members<'a> = Vec<(&'a str, Vec<u8>)>;
+    let cases: Vec<(&str, Members, &str)> = vec![
         ("dotdot", vec![("manifest.json", manifest("../etc/passwd").into_bytes()), ("c.json", config.to_vec())], "leaves the image"),
         ("absolute", vec![("manifest.json", manifest("/etc/passwd").into_bytes()), ("c.json", config.to_vec())], "leaves the image"),
         ("missing", vec![("manifest.json", manifest("l/layer.tar").into_bytes()), ("c.json", config.to_vec())], "l/layer.tar is missing"),
