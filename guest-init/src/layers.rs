@@ -630,23 +630,72 @@ impl<'a> Unpacker<'a> {
     pub fn finish(mut self) -> Result<LayerIndex, LayerError> {
         let layer = self.layer;
         self.parent = None;
+        if self.index.nodes.get(&b""[..]).is_some_and(|root| root.opaque_marker) {
+            self.hide_lower_roots()?;
+        }
         let dirs: Vec<(Vec<u8>, bool, Time)> = self.index.dirs().map(|(p, o, t)| (p.to_vec(), o, t)).collect();
         for (path, opaque, mtime) in dirs {
             let comps: Vec<&[u8]> = if path.is_empty() { Vec::new() } else { path.split(|&b| b == b'/').collect() };
             let finish_err = |source| LayerError::Finish { layer, entry: lossy(&path), source };
+            // The root's own mtime is never visible (overlayfs shows the
+            // upper dir's, and no tar has an entry for the root), and its
+            // opaque marker was handled above.
+            if comps.is_empty() {
+                continue;
+            }
             let (parent, name) = self.parent_of(&comps).map_err(|e| finish_err(NodeError::Fs("opening the directory", e)))?;
             if opaque {
                 let p = sys::fd_path(parent, name.to_bytes()).map_err(|e| finish_err(NodeError::Fs("naming the directory", e)))?;
                 sys::lsetxattr(&p, c"trusted.overlay.opaque", whiteout::OVERLAY_OPAQUE_VALUE)
                     .map_err(|e| finish_err(NodeError::Fs("marking the directory opaque", e)))?;
             }
-            // The root's own mtime is never visible: overlayfs shows the
-            // upper dir's, and no tar has an entry for the root.
-            if !comps.is_empty() {
-                nodes::set_mtime(parent, &name, mtime).map_err(finish_err)?;
-            }
+            nodes::set_mtime(parent, &name, mtime).map_err(finish_err)?;
         }
         Ok(self.index)
+    }
+}
+
+impl Unpacker<'_> {
+    /// An opaque marker at the top of a layer hides every layer below; but
+    /// overlayfs ignores the opaque xattr on a layer's root, so the same
+    /// fact is written one level down: a whiteout for every top-level name
+    /// the layers below show that this layer does not have, and the opaque
+    /// mark on every top-level directory it does have.
+    fn hide_lower_roots(&mut self) -> Result<(), LayerError> {
+        let layer = self.layer;
+        let err = |source| LayerError::Finish { layer, entry: String::new(), source: NodeError::Fs("hiding the layers below", source) };
+        let mut names = std::collections::BTreeSet::new();
+        for below in 0..layer.min(self.lowers.len()) {
+            let dir = nix::dir::Dir::openat(self.lowers.root(below), c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(|e| err(e.into()))?;
+            for e in dir {
+                let e = e.map_err(|e| err(e.into()))?;
+                let n = e.file_name().to_bytes();
+                if n != b"." && n != b".." {
+                    names.insert(n.to_vec());
+                }
+            }
+        }
+        let tops: Vec<Vec<u8>> = self.index.nodes.keys().filter(|k| !k.is_empty() && !k.contains(&b'/')).cloned().collect();
+        for top in tops {
+            if let Some(n) = self.index.nodes.get_mut(&top) {
+                n.opaque_marker |= n.held == Held::Dir;
+            }
+        }
+        for name in names {
+            if self.index.get(&name).is_some() {
+                continue;
+            }
+            let seen = self.lowers.visible(layer, &[name.as_slice()]).map_err(err)?;
+            if matches!(seen, Visible::Missing | Visible::BelowNonDir { .. }) {
+                continue;
+            }
+            let c = cstr(&name).map_err(err)?;
+            nodes::mknod(self.root.as_fd(), &c, SFlag::S_IFCHR, 0, 0)
+                .map_err(|source| LayerError::Finish { layer, entry: lossy(&name), source })?;
+            self.index.insert(&name, Held::Whiteout, Time::default());
+        }
+        Ok(())
     }
 }
 
@@ -926,6 +975,31 @@ mod tests {
                 "tmp/x file 644 0:0 \"x\"",
                 "twice file 644 0:0 \"2\"",
                 "twice-dir file 644 0:0 \"now a file\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_opaque_layer_root_hides_every_layer_below() {
+        if !privileged() {
+            eprintln!("skipped: needs root (chown, mknod, trusted.* xattrs)");
+            return;
+        }
+        let tmp = TempDir::new("opaque-root");
+        let wipe = TarBuilder::new().file(".wh..wh..opq", "", 0o644, 0).file("etc/new", "n", 0o644, 0).file(".wh.p", "", 0o644, 0).finish();
+        let dirs = unpack_stack(&tmp, &[base_layer(), wipe], None).unwrap();
+        assert_eq!(
+            listing(&dirs[1]),
+            vec![
+                "bin node 600 0:0 c0:0",
+                "dev node 600 0:0 c0:0",
+                "etc dir 755 0:0 mtime=100 [trusted.overlay.opaque=y]",
+                "etc/new file 644 0:0 \"n\"",
+                "home node 600 0:0 c0:0",
+                "opq node 600 0:0 c0:0",
+                "p node 600 0:0 c0:0",
+                "tmp node 600 0:0 c0:0",
+                "usr node 600 0:0 c0:0",
             ]
         );
     }

