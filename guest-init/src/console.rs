@@ -141,6 +141,8 @@ impl LineSplitter {
 }
 
 #[cfg(test)]
+// Test tables spell out whole rows on purpose.
+#[allow(clippy::type_complexity)]
 mod tests {
     use super::*;
 

@@ -177,7 +177,7 @@ mod tests {
                 ),
             ),
             (
-                Demo::Unpack { layer: 0, entry: "a".into(), source: io::Error::new(io::ErrorKind::Other, enospc()) },
+                Demo::Unpack { layer: 0, entry: "a".into(), source: io::Error::other(enospc()) },
                 Failure::new(
                     FailureKind::OutOfScratch,
                     format!(

@@ -766,6 +766,8 @@ pub fn unpack_layer(i: usize, spec: &LayerSpec, disk: Option<&File>, root: &std:
 }
 
 #[cfg(test)]
+// Test tables spell out whole rows on purpose.
+#[allow(clippy::type_complexity)]
 mod tests {
     use super::*;
 

@@ -15,7 +15,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::Path;
 
 use nix::fcntl::{openat, OFlag, AT_FDCWD};
 use nix::sys::stat::{fstatat, FileStat, Mode, SFlag};
@@ -104,8 +104,8 @@ impl Lowers {
     }
 
     /// Adds the next layer up (opened by path, a directory).
-    pub fn push(&mut self, root: &PathBuf) -> io::Result<()> {
-        let fd = openat(AT_FDCWD, root.as_path(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+    pub fn push(&mut self, root: &Path) -> io::Result<()> {
+        let fd = openat(AT_FDCWD, root, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
         self.roots.push(fd);
         Ok(())
     }

@@ -453,6 +453,8 @@ fn export_dir<W: Write>(
 }
 
 #[cfg(test)]
+// Test tables spell out whole rows on purpose.
+#[allow(clippy::type_complexity)]
 mod tests {
     use super::*;
 

@@ -166,8 +166,11 @@ fn needs_pax_name(name: &[u8]) -> bool {
     name.len() > NAME_FIELD || !name.is_ascii() || name.contains(&0)
 }
 
+/// PAX records of one entry, in the order they are written.
+pub type PaxRecords = Vec<(String, Vec<u8>)>;
+
 /// Builds the ustar header and the PAX records (ordered) for an entry.
-pub fn build_header(entry: &Entry) -> io::Result<(tar::Header, Vec<(String, Vec<u8>)>)> {
+pub fn build_header(entry: &Entry) -> io::Result<(tar::Header, PaxRecords)> {
     if entry.path.is_empty() || entry.path.contains(&0) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty or NUL-containing tar path"));
     }
