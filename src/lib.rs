@@ -20,4 +20,4 @@ pub mod interrupt;
 pub mod job;
 pub mod machine;
 pub mod output;
-// pub mod run; (enabled once image and kvm land)
+pub mod run;

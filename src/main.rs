@@ -1,1 +1,35 @@
-fn main() {}
+//! `runasroot`: parse the arguments, run, print the whole error chain,
+//! exit as `docker run` does.
+
+use std::error::Error as _;
+use std::process::ExitCode;
+
+use clap::Parser;
+use runasroot::run::{self, Ended};
+
+fn main() -> ExitCode {
+    let cli = runasroot::cli::Cli::parse();
+    let stop = match runasroot::interrupt::install() {
+        Ok(stop) => stop,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::from(run::EXIT_FAILED);
+        }
+    };
+    match run::main(cli, stop) {
+        Ok(Ended::Done) => ExitCode::SUCCESS,
+        Ok(Ended::ScriptFailed(code)) => {
+            eprintln!("runasroot: the script exited with status {code}; nothing was written");
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+        Err((err, _ui)) => {
+            eprintln!("error: {err}");
+            let mut source = err.source();
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            ExitCode::from(err.exit_code())
+        }
+    }
+}

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{self, IsTerminal, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -19,13 +19,17 @@ use sha2::{Digest as _, Sha256};
 use crate::cli::{self, ExportArgs, RunArgs, ScriptArgs, UiArgs, VmArgs};
 use crate::image::{self, Digest, Image, ImageError};
 use crate::job::{self, JobDisk, JobError, Times};
-use crate::machine::{select, DiskSpec, GuestExit, GuestSpec, MachineError};
+use crate::machine::{select, DiskSpec, GuestExit, GuestSpec, Machine, MachineError};
 use crate::output::{self, OutputError, Target};
 
 /// Exit status when runasroot itself failed (as `docker run`).
 pub const EXIT_FAILED: u8 = 125;
 /// Exit status when --timeout expired (as `timeout(1)`).
 pub const EXIT_TIMEOUT: u8 = 124;
+/// Below this the guest kernel and init do not fit with a useful tmpfs.
+const MIN_MEMORY_MIB: u64 = 128;
+/// Scratch space below this cannot hold even a busybox base.
+const MIN_DISK_MIB: u64 = 16;
 /// Console lines kept for error reports.
 const CONSOLE_TAIL: usize = 40;
 
@@ -267,11 +271,31 @@ struct GuestResult {
     exit_code: i32,
 }
 
-fn run_guest(image: &Image, job_args: &GuestJob, temp: &Path, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<GuestResult, RunError> {
-    let vm = job_args.vm;
-    if vm.memory < 128 {
-        return Err(RunError::TooSmall { flag: "memory", min: 128 });
+/// Checks the VM flags and picks the launcher before any heavy work, so a
+/// bad flag or `--vmm builtin` on a host without KVM fails at once.
+fn prepare_machine(vm: &VmArgs, ui: &Ui) -> Result<Box<dyn Machine>, RunError> {
+    if vm.memory < MIN_MEMORY_MIB {
+        return Err(RunError::TooSmall { flag: "memory", min: MIN_MEMORY_MIB });
     }
+    if vm.disk_size < MIN_DISK_MIB {
+        return Err(RunError::TooSmall { flag: "disk-size", min: MIN_DISK_MIB });
+    }
+    if vm.cpus == 0 {
+        return Err(RunError::TooSmall { flag: "cpus", min: 1 });
+    }
+    vm.timeout.as_deref().map(parse_timeout).transpose()?;
+    Ok(select::select(vm.vmm, &mut |line| ui.notice(line))?)
+}
+
+fn run_guest(
+    machine: &mut dyn Machine,
+    image: &Image,
+    job_args: &GuestJob,
+    temp: &Path,
+    ui: &Ui,
+    stop: &Arc<AtomicBool>,
+) -> Result<GuestResult, RunError> {
+    let vm = job_args.vm;
     let deadline_len = vm.timeout.as_deref().map(parse_timeout).transpose()?;
 
     ui.phase("preparing disks");
@@ -312,7 +336,6 @@ fn run_guest(image: &Image, job_args: &GuestJob, temp: &Path, ui: &Ui, stop: &Ar
     job::write_sparse_disk(&swap_disk, swap_bytes, &job::swap_header(swap_bytes), "swap")?;
 
     let guest = crate::assets::prepare(vm.kernel.as_deref(), vm.initramfs.as_deref(), temp)?;
-    let mut machine = select::select(vm.vmm, &mut |line| ui.notice(line))?;
     let spec = GuestSpec {
         kernel: guest.kernel,
         initramfs: guest.initramfs,
@@ -415,7 +438,8 @@ fn hash_range(path: &Path, offset: u64, len: u64) -> Result<Digest, RunError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut left = len;
     while left > 0 {
-        let n = f.read(&mut buf[..left.min(buf.len() as u64) as usize]).map_err(rerr)?;
+        let want = left.min(buf.len() as u64) as usize;
+        let n = f.read(&mut buf[..want]).map_err(rerr)?;
         if n == 0 {
             return Err(rerr(io::Error::new(io::ErrorKind::UnexpectedEof, "output disk shorter than its payload")));
         }
@@ -464,10 +488,11 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
         return Err(RunError::BothStdout);
     }
     let times = job::resolve_times(args.created.as_deref(), source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
+    let mut machine = prepare_machine(&args.vm, ui)?;
     let temp = temp_dir()?;
     let image = open_image(&args.input, temp.path(), ui)?;
     let job = GuestJob { mode: Mode::Layer, script: Some(script), script_args: &args.script_env, vm: &args.vm, times: &times };
-    let result = run_guest(&image, &job, temp.path(), ui, stop)?;
+    let result = run_guest(machine.as_mut(), &image, &job, temp.path(), ui, stop)?;
     if result.exit_code != 0 {
         return Ok(Ended::ScriptFailed(result.exit_code));
     }
@@ -512,11 +537,13 @@ fn history_line(script: &Path) -> String {
 pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ended, RunError> {
     let target = Target::parse(&args.output);
     let times = job::resolve_times(None, source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
+    let in_vm = args.in_vm || args.script.is_some();
+    let mut machine = if in_vm { Some(prepare_machine(&args.vm, ui)?) } else { None };
     let temp = temp_dir()?;
     let image = open_image(&args.input, temp.path(), ui)?;
-    if args.in_vm || args.script.is_some() {
+    if let Some(machine) = machine.as_mut() {
         let job = GuestJob { mode: Mode::Export, script: args.script.as_deref(), script_args: &args.script_env, vm: &args.vm, times: &times };
-        let result = run_guest(&image, &job, temp.path(), ui, stop)?;
+        let result = run_guest(machine.as_mut(), &image, &job, temp.path(), ui, stop)?;
         if result.exit_code != 0 {
             return Ok(Ended::ScriptFailed(result.exit_code));
         }

@@ -11,7 +11,7 @@
 
 pub mod kvm;
 pub mod qemu;
-// pub mod select; (enabled once kvm lands)
+pub mod select;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;

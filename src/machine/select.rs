@@ -28,7 +28,8 @@ pub fn select(choice: Vmm, notice: &mut dyn FnMut(&str)) -> Result<Box<dyn Machi
                 }
             },
             Err(reason) => {
-                notice(&format!("runasroot: {reason}; using QEMU with software emulation (TCG), which is slower"));
+                let why = reason.strip_suffix("; use --vmm qemu").unwrap_or(&reason);
+                notice(&format!("runasroot: {why}; using QEMU with software emulation (TCG), which is slower"));
                 Ok(Box::new(QemuMachine::new(Accel::Tcg)))
             }
         },
