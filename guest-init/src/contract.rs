@@ -17,8 +17,12 @@
 //! 0      8       16             16+len        PAYLOAD_OFFSET
 //! | MAGIC | len u64 LE | JSON (Outcome) | zeros | payload (tar) ...
 //! ```
-//! The guest writes the payload first, syncs, then writes the header block
-//! and syncs again: a header is only ever present for a complete payload.
+//! The guest writes the payload first, syncs, then writes the header area
+//! ([`RESULT_AREA`] bytes) and syncs again: a header is only ever present
+//! for a complete payload. The result names every base layer's diff_id,
+//! so its area holds the 500 layers overlayfs can stack (one 4 KiB block
+//! holds about 50): a reader reads the first [`BLOCK`], and the rest of
+//! the area only when the announced length asks for it.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,14 +30,17 @@ use serde::{Deserialize, Serialize};
 pub const JOB_MAGIC: &[u8; 8] = b"RARJOB01";
 /// Magic at the start of the output disk, written last by the guest.
 pub const RESULT_MAGIC: &[u8; 8] = b"RARRES01";
-/// Header block size: the job JSON and the result JSON both fit in one.
+/// Alignment of the job's data area; the size of a small result header.
 pub const BLOCK: u64 = 4096;
 /// Largest job JSON accepted (a 1000-layer job is about 200 KiB).
 pub const MAX_JOB_JSON: u64 = 16 << 20;
-/// The result JSON must fit in the first block with its 16-byte preamble.
-pub const MAX_RESULT_JSON: u64 = BLOCK - 16;
+/// The result header area at the start of the output disk: room for the
+/// diff_ids of 500 layers (about 37 KiB of JSON), timings and a reason.
+pub const RESULT_AREA: u64 = 64 << 10;
+/// The result JSON must fit in the result area with its 16-byte preamble.
+pub const MAX_RESULT_JSON: u64 = RESULT_AREA - 16;
 /// Where the payload (layer tar or export tar) starts on the output disk.
-pub const PAYLOAD_OFFSET: u64 = BLOCK;
+pub const PAYLOAD_OFFSET: u64 = RESULT_AREA;
 
 /// Virtio-blk serial ids (VIRTIO_BLK_T_GET_ID) that name each disk; the
 /// guest reads them from `/sys/block/vdX/serial` and never relies on order.
@@ -236,31 +243,55 @@ impl Job {
 }
 
 impl Outcome {
-    /// The output disk's first block.
+    /// The output disk's header area ([`RESULT_AREA`] bytes).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = self.clone();
         let mut json = serde_json::to_vec(&out).expect("an Outcome always serialises");
-        // A long reason must not push the header past its block: shorten it.
+        // Whatever is too long must not push the header past its area:
+        // shorten the reason first, then drop the timings, then the diff_ids
+        // (the host then reports a count mismatch instead of a bad header).
+        // Each step shrinks the JSON, so this ends.
         while json.len() as u64 > MAX_RESULT_JSON {
-            if let Status::Failed { reason, .. } = &mut out.status {
-                let keep = reason.len().saturating_sub(json.len() - MAX_RESULT_JSON as usize + 3);
-                let mut cut = keep.min(reason.len());
-                while !reason.is_char_boundary(cut) {
-                    cut -= 1;
+            match &mut out.status {
+                Status::Failed { reason, .. } if reason.len() > 3 => {
+                    let keep = reason.len().saturating_sub(json.len() - MAX_RESULT_JSON as usize + 3);
+                    let mut cut = keep.min(reason.len() - 4);
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                    reason.push_str("...");
                 }
-                reason.truncate(cut);
-                reason.push_str("...");
-            } else {
-                out.timings.clear();
+                _ if !out.timings.is_empty() => out.timings.clear(),
+                _ => {
+                    let n = out.layer_diff_ids.len();
+                    assert!(n > 0, "an Outcome without reason, timings or diff_ids always fits");
+                    out.layer_diff_ids.truncate(n / 2);
+                }
             }
             json = serde_json::to_vec(&out).expect("an Outcome always serialises");
         }
         let mut block = encode_header(RESULT_MAGIC, &json);
-        block.resize(BLOCK as usize, 0);
+        block.resize(RESULT_AREA as usize, 0);
         block
     }
 
-    /// Decodes the output disk's first block.
+    /// The number of bytes of the header area a reader needs, from its
+    /// first 16 bytes (so a reader can read [`BLOCK`] bytes, then the
+    /// rest only for a long result).
+    pub fn header_len(first16: &[u8]) -> Result<u64, DecodeError> {
+        if first16.len() < 16 || &first16[..8] != RESULT_MAGIC {
+            return Err(DecodeError::NoMagic { what: "result" });
+        }
+        let len = u64::from_le_bytes(first16[8..16].try_into().expect("8 bytes"));
+        if len > MAX_RESULT_JSON {
+            return Err(DecodeError::TooLong { what: "result", len, max: MAX_RESULT_JSON });
+        }
+        Ok(16 + len)
+    }
+
+    /// Decodes the output disk's header (at least [`Outcome::header_len`]
+    /// bytes of it).
     pub fn decode(block: &[u8]) -> Result<Outcome, DecodeError> {
         let json = decode_header(block, RESULT_MAGIC, MAX_RESULT_JSON, "result")?;
         serde_json::from_slice(json).map_err(|e| DecodeError::Json {
@@ -315,7 +346,7 @@ mod tests {
     }
 
     #[test]
-    fn outcome_round_trips_in_one_block() {
+    fn outcome_round_trips_and_a_small_one_fits_one_block() {
         let o = Outcome {
             status: Status::Finished { exit_code: 3 },
             payload_len: 0,
@@ -323,15 +354,47 @@ mod tests {
             layer_diff_ids: vec!["sha256:00".into()],
             timings: vec![("init".into(), 0.5)],
         };
-        let block = o.encode();
-        assert_eq!(block.len() as u64, BLOCK);
-        assert_eq!(Outcome::decode(&block).unwrap(), o);
+        let area = o.encode();
+        assert_eq!(area.len() as u64, RESULT_AREA);
+        assert!(Outcome::header_len(&area[..16]).unwrap() <= BLOCK);
+        assert_eq!(Outcome::decode(&area[..BLOCK as usize]).unwrap(), o);
+    }
+
+    #[test]
+    fn outcome_of_a_500_layer_base_fits_its_area() {
+        let o = Outcome {
+            status: Status::Finished { exit_code: 0 },
+            payload_len: 1 << 40,
+            payload_digest: Some(format!("sha256:{}", "ab".repeat(32))),
+            layer_diff_ids: (0..500).map(|i| format!("sha256:{i:064x}")).collect(),
+            timings: ["init", "unpack", "script", "pack", "write"].iter().map(|p| (p.to_string(), 12345.678)).collect(),
+        };
+        let area = o.encode();
+        let len = Outcome::header_len(&area[..16]).unwrap();
+        assert!(len > BLOCK, "500 diff_ids do not fit one block: the area is needed");
+        assert_eq!(Outcome::decode(&area[..len as usize]).unwrap(), o);
+        assert_eq!(Outcome::decode(&area[..BLOCK as usize]).unwrap_err(), DecodeError::Truncated { what: "result" });
+    }
+
+    #[test]
+    fn outcome_too_big_for_its_area_is_shortened_not_looped() {
+        let o = Outcome {
+            status: Status::Finished { exit_code: 0 },
+            payload_len: 0,
+            payload_digest: None,
+            layer_diff_ids: (0..5000).map(|i| format!("sha256:{i:064x}")).collect(),
+            timings: vec![("init".into(), 0.5)],
+        };
+        let back = Outcome::decode(&o.encode()).unwrap();
+        assert!(back.timings.is_empty());
+        assert!(back.layer_diff_ids.len() < 5000 && !back.layer_diff_ids.is_empty());
+        assert_eq!(back.layer_diff_ids[..], o.layer_diff_ids[..back.layer_diff_ids.len()]);
     }
 
     #[test]
     fn outcome_with_huge_reason_is_shortened_not_dropped() {
         let o = Outcome {
-            status: Status::Failed { kind: FailureKind::Internal, reason: "x".repeat(10_000) },
+            status: Status::Failed { kind: FailureKind::Internal, reason: "x".repeat(100_000) },
             payload_len: 0,
             payload_digest: None,
             layer_diff_ids: vec![],
@@ -341,7 +404,7 @@ mod tests {
         match back.status {
             Status::Failed { kind, reason } => {
                 assert_eq!(kind, FailureKind::Internal);
-                assert!(reason.ends_with("...") && reason.len() > 3000);
+                assert!(reason.ends_with("...") && reason.len() > 60_000);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -353,5 +416,6 @@ mod tests {
             Outcome::decode(&[0u8; 4096]).unwrap_err(),
             DecodeError::NoMagic { what: "result" }
         );
+        assert_eq!(Outcome::header_len(&[0u8; 16]).unwrap_err(), DecodeError::NoMagic { what: "result" });
     }
 }

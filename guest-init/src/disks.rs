@@ -351,7 +351,8 @@ mod tests {
         assert!(read_blob(&f, off, Blob { offset: 0, length: 1 << 30 }, "the script", 1 << 20).is_err());
 
         let out = dir.join("out");
-        std::fs::write(&out, vec![0u8; 16384]).unwrap();
+        let start = contract::PAYLOAD_OFFSET as usize;
+        std::fs::write(&out, vec![0u8; start + 16384]).unwrap();
         let f = open_write(&out).unwrap();
         let mut w = PayloadWriter::new(&f).unwrap();
         w.write_all(b"payload").unwrap();
@@ -367,8 +368,8 @@ mod tests {
         };
         write_outcome(&f, &o).unwrap();
         let disk = std::fs::read(&out).unwrap();
-        assert_eq!(Outcome::decode(&disk[..4096]).unwrap(), o);
-        assert_eq!(&disk[4096..4103], b"payload");
+        assert_eq!(Outcome::decode(&disk[..contract::BLOCK as usize]).unwrap(), o);
+        assert_eq!(&disk[start..start + 7], b"payload");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
