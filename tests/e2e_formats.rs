@@ -1,0 +1,423 @@
+//! Tier 2, issue 4: every row of FORMATS.md's edge-case table, in both
+//! directions, through the real binary (run as an unprivileged user) and
+//! the real guest under QEMU.
+//!
+//! One guest boot carries almost every row: a base whose layers hold the
+//! input-side cases (opaque dirs, whiteouts of nothing, devices, hardlinks
+//! within and across layers, xattrs including `trusted.overlay.*` that must
+//! be stripped, setuid bits, long and non-UTF-8 names, big ids, a directory
+//! a layer writes into without listing it), and one script that records
+//! what it sees of them in a report and makes every output-side case
+//! (whiteouts, opaque dirs, devices, sockets, hardlinks, xattrs, modes,
+//! owners, paths created and deleted again). The new layer is then checked
+//! entry by entry, in full. Cases that must fail (breakouts, `..`, a
+//! missing interpreter) each need a boot of their own.
+
+mod common;
+#[path = "common/images.rs"]
+mod images;
+mod helpers;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use helpers::*;
+use images::*;
+
+/// `setcap cap_net_bind_service+ep` as the kernel stores it
+/// (vfs_cap_data revision 2: magic|effective, permitted lo/hi, inheritable).
+const CAP: [u8; 20] = [0x01, 0, 0, 0x02, 0x00, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const LONG_NAME_LEN: usize = 150;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How `listing()` shows an xattr value.
+fn shown(value: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(value))
+}
+
+fn long_name() -> String {
+    format!("long-{}", "x".repeat(LONG_NAME_LEN - 5))
+}
+
+fn long_target() -> String {
+    format!("target-{}", "y".repeat(150))
+}
+
+/// The edge-case base: busybox + rar-helper, then a plain layer with the
+/// lower halves of every input case, then a gzip layer on top of it.
+/// Env without PATH, so the script must get Docker's default PATH.
+fn edge_image() -> Option<Image> {
+    let mut l0 = busybox_entries()?;
+    let helper = rar_helper()?;
+    l0.extend([dir("usr"), dir("usr/local"), dir("usr/local/bin"), file(RAR_HELPER_IN_IMAGE, helper).mode(0o755)]);
+
+    let l1 = vec![
+        dir("opq"),
+        file("opq/a", "a\n"),
+        file("opq/b", "b\n"),
+        dir("opq2"),
+        file("opq2/a", "a\n"),
+        dir("hl"),
+        file("hl/a", "shared\n"),
+        hardlink("hl/b", "hl/a"),
+        dir("devs"),
+        char_dev("devs/null", 1, 3),
+        block_dev("devs/loop", 7, 0),
+        fifo("devs/fifo"),
+        dir("xa"),
+        file("xa/f", "xattr-file\n")
+            .xattr("user.keep", "1")
+            .xattr("security.capability", CAP)
+            .xattr("trusted.overlay.redirect", "/elsewhere")
+            .xattr("trusted.overlay.origin", [0u8, 1, 2]),
+        dir("xo"),
+        file("xo/old", "old\n"),
+        dir("perm"),
+        file("perm/suid", "s\n").mode(0o4755),
+        file("perm/sgid", "g\n").mode(0o2755),
+        dir("perm/sticky").mode(0o1777),
+        dir("names"),
+        file(b"names/bad\xffname".as_slice(), "odd\n"),
+        file("names/bigowner", "big\n").owner(3_000_000_000, 3_000_000_001),
+        file(format!("names/{}", long_name()), "long\n"),
+        symlink("names/longlink", long_target()),
+        dir("keepme").mode(0o750).owner(123, 456),
+        dir("out").mode(0o750).owner(7, 8),
+        file("out/rmme", "rm me\n"),
+        dir("out/redo"),
+        file("out/redo/old", "old\n"),
+        file("out/lowerfile", "lower\n"),
+    ];
+
+    let l2 = vec![
+        // Opaque marker first, as writers should put it ...
+        dir("opq"),
+        opaque("opq"),
+        file("opq/c", "c\n"),
+        // ... and after its sibling: applied first whatever its position.
+        dir("opq2"),
+        file("opq2/c", "c\n"),
+        opaque("opq2"),
+        // A whiteout that shadows nothing.
+        whiteout("nothing-here"),
+        // A hardlink whose target is in the layer below.
+        hardlink("hl/c", "hl/a"),
+        // Writes into /tmp and /keepme without listing them: their lower
+        // metadata (1777, 750 123:456) must stay.
+        file("tmp/fromlayer2", "t\n"),
+        file("keepme/f", "k\n"),
+        // trusted.overlay.* in an input layer: stripped, or /xo/old would
+        // vanish (opaque) and /meta would refuse to open (metacopy=off).
+        dir("xo").xattr("trusted.overlay.opaque", "y"),
+        file("xo/new", "new\n"),
+        file("meta", "real data\n").xattr("trusted.overlay.metacopy", ""),
+        // A whiteout applies to lower layers only: the same layer's file stays.
+        dir("same"),
+        file("same/x", "kept\n"),
+        whiteout("same/x"),
+    ];
+
+    Some(
+        image(vec![layer(l0), layer(l1), layer(l2).gzip()])
+            .tag("edge:1")
+            .env(&["IMG_VAR=from-image", "OVERRIDE=image"]),
+    )
+}
+
+/// The one script: output-side cases first (each failure is recorded, not
+/// fatal, so one broken case does not hide the others), then the report.
+fn edge_script() -> String {
+    format!(
+        r#"fails=
+op() {{ "$@" || fails="$fails [$*]"; }}
+op rm /out/rmme
+op sh -c 'rm -rf /out/redo && mkdir /out/redo && echo new > /out/redo/n'
+op mknod /out/c c 4 5
+op mknod /out/b b 8 1
+op mknod /out/p p
+op rar-helper socket /out/sock
+op sh -c 'echo hl > /out/h1 && ln /out/h1 /out/h2 && ln /out/h1 /out/h3'
+op sh -c 'echo cap > /out/cap'
+op rar-helper setxattr /out/cap security.capability {cap}
+op rar-helper setxattr /out/cap user.note 68656c6c6f
+op sh -c 'echo s > /out/suid && chmod 4755 /out/suid'
+op chmod u+s /out/lowerfile
+op sh -c 'mkdir /out/sgid && chmod 2775 /out/sgid'
+op sh -c 'echo o > /out/owned && chown 1234:5678 /out/owned'
+op sh -c 'echo b > /out/bigowned && chown 4000000000:4000000001 /out/bigowned'
+op sh -c 'touch /out/gone && rm /out/gone'
+op sh -c 'mkdir /out/gonedir && rmdir /out/gonedir'
+op sh -c 'echo x > /dev/null'
+op chmod 640 /xa/f
+op cp -a /names /names-copy
+ex() {{ if [ -e "$1" ] || [ -L "$1" ]; then echo "$1 present"; else echo "$1 absent"; fi; }}
+{{
+echo "opq: $(ls /opq | tr '\n' ' ')"
+echo "opq2: $(ls /opq2 | tr '\n' ' ')"
+ex /nothing-here
+echo "wh-names: $(find / -xdev -name '.wh.*' | wc -l)"
+echo "hl: $(cat /hl/a /hl/b /hl/c | tr '\n' ' ')"
+if [ /hl/a -ef /hl/b ]; then echo "hl a b: one inode"; else echo "hl a b: two inodes"; fi
+stat -c '%n %F %t:%T %a' /devs/null /devs/loop /devs/fifo
+echo "xa: $(cat /xa/f)"
+echo "xo: $(ls /xo | tr '\n' ' ')"
+echo "meta: $(cat /meta 2>&1)"
+stat -c '%n %a' /perm/suid /perm/sgid /perm/sticky
+stat -c '%n %u:%g' /names/bigowner
+echo "names: $(ls /names | wc -l)"
+stat -c '%n %a %u:%g' /tmp /keepme
+echo "keepme: $(cat /keepme/f)"
+echo "same: $(cat /same/x 2>&1)"
+echo "env: IMG_VAR=$IMG_VAR OVERRIDE=$OVERRIDE CLI_VAR=$CLI_VAR TZ=${{TZ-unset}} LANG=${{LANG-unset}}"
+echo "PATH=$PATH"
+echo "HOME=$HOME cwd=$(pwd) umask=$(umask) uid=$(id -u)"
+echo "ctr: $(cat /ctr/fromdir /ctr/fromtar | tr '\n' ' ')"
+echo "net: $(ip -o link | cut -d: -f2 | tr -d ' ' | tr '\n' ' ')"
+if ping -c 1 -W 2 127.0.0.1 >/dev/null 2>&1; then echo "lo: up"; else echo "lo: down"; fi
+echo "op failures:$fails"
+}} > /out/report 2>&1
+"#,
+        cap = hex(&CAP)
+    )
+}
+
+/// What the script must see.
+fn expected_report() -> String {
+    [
+        "opq: c ",
+        "opq2: c ",
+        "/nothing-here absent",
+        "wh-names: 0",
+        "hl: shared shared shared ",
+        "hl a b: one inode",
+        "/devs/null character special file 1:3 666",
+        "/devs/loop block special file 7:0 660",
+        "/devs/fifo fifo 0:0 644",
+        "xa: xattr-file",
+        "xo: new old ",
+        "meta: real data",
+        "/perm/suid 4755",
+        "/perm/sgid 2755",
+        "/perm/sticky 1777",
+        "/names/bigowner 3000000000:3000000001",
+        "names: 4",
+        "/tmp 1777 0:0",
+        "/keepme 750 123:456",
+        "keepme: k",
+        "same: kept",
+        // The image's Env, then --env; nothing of the host's TZ or locale.
+        "env: IMG_VAR=from-image OVERRIDE=cli CLI_VAR=x TZ=unset LANG=unset",
+        // Docker's default PATH: the image sets none.
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME=/root cwd=/ umask=0022 uid=0",
+        // copy-to-root (a directory and a tar) is in place before the script.
+        "ctr: dir! tar! ",
+        // No network: only loopback, and it is up.
+        "net: lo ",
+        "lo: up",
+        "op failures:",
+    ]
+    .iter()
+    .map(|l| format!("{l}\n"))
+    .collect()
+}
+
+/// The new layer, in full, in the order FORMATS.md fixes.
+fn expected_layer(report_len: usize) -> Vec<String> {
+    let cap = shown(&CAP);
+    vec![
+        "ctr/ dir 755 0:0 0".to_string(),
+        "ctr/fromdir file 644 0:0 5".into(),
+        "ctr/fromtar file 600 42:43 5".into(),
+        "names-copy/ dir 755 0:0 0".into(),
+        "names-copy/bad\u{fffd}name file 644 0:0 4".into(),
+        "names-copy/bigowner file 644 3000000000:3000000001 4".into(),
+        format!("names-copy/{} file 644 0:0 5", long_name()),
+        format!("names-copy/longlink symlink 777 0:0 0 -> {}", long_target()),
+        // Copied up for the changes below: keeps the lower dir's metadata.
+        "out/ dir 750 7:8 0".into(),
+        "out/.wh.rmme file 644 0:0 0".into(),
+        "out/b block 8:1 644 0:0 0".into(),
+        "out/bigowned file 644 4000000000:4000000001 2".into(),
+        "out/c char 4:5 644 0:0 0".into(),
+        format!("out/cap file 644 0:0 4 [security.capability={cap},user.note=\"hello\"]"),
+        "out/h1 file 644 0:0 3".into(),
+        "out/h2 hardlink 644 0:0 0 -> out/h1".into(),
+        "out/h3 hardlink 644 0:0 0 -> out/h1".into(),
+        "out/lowerfile file 4644 0:0 6".into(),
+        "out/owned file 644 1234:5678 2".into(),
+        "out/p fifo 644 0:0 0".into(),
+        "out/redo/ dir 755 0:0 0".into(),
+        "out/redo/.wh..wh..opq file 644 0:0 0".into(),
+        "out/redo/n file 644 0:0 4".into(),
+        format!("out/report file 644 0:0 {report_len}"),
+        "out/sgid/ dir 2775 0:0 0".into(),
+        "out/suid file 4755 0:0 2".into(),
+        // No sock (sockets are skipped), no gone/gonedir (created and
+        // deleted), nothing for dev/ proc/ sys/ or the script.
+        "xa/ dir 755 0:0 0".into(),
+        // Copied up by chmod: user.* and security.capability kept, the
+        // input's trusted.overlay.* gone.
+        format!("xa/f file 640 0:0 11 [security.capability={cap},user.keep=\"1\"]"),
+    ]
+}
+
+/// --copy-to-root inputs: a directory (packed by the host, owned by root)
+/// and a tar (entries as given).
+fn copy_to_root_inputs(at: &Path) -> (PathBuf, PathBuf) {
+    let d = at.join("ctr-dir");
+    fs::create_dir_all(d.join("ctr")).unwrap();
+    fs::write(d.join("ctr/fromdir"), "dir!\n").unwrap();
+    for (p, m) in [(d.clone(), 0o755), (d.join("ctr"), 0o755), (d.join("ctr/fromdir"), 0o644)] {
+        fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+    }
+    let t = at.join("ctr.tar");
+    write_layer_tar(&[dir("ctr"), file("ctr/fromtar", "tar!\n").mode(0o600).owner(42, 43)], fs::File::create(&t).unwrap())
+        .unwrap();
+    fs::set_permissions(&t, fs::Permissions::from_mode(0o644)).unwrap();
+    (d, t)
+}
+
+struct Outcome {
+    run: Run,
+    layer: Option<Vec<u8>>,
+    image: Option<PathBuf>,
+}
+
+/// Runs `runasroot --base BASE --script … -o img.tar --layer-output
+/// layer.tar EXTRA` unprivileged, with a TZ and locale that must not leak.
+fn run_script(dir: &Path, base: &str, body: &str, extra: &[&str]) -> Outcome {
+    let tmp = subdir(dir, "tmp");
+    let s = script(dir, "script.sh", body);
+    let layer = dir.join("layer.tar");
+    let img = dir.join("img.tar");
+    let mut args = vec!["--base", base, "--script", s.to_str().unwrap(), "-o", img.to_str().unwrap(), "--layer-output", layer.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let run = finish(runasroot_cmd(&args, &tmp).env("TZ", "Asia/Tokyo").env("LANG", "C.UTF-8").output().expect("spawn runasroot"));
+    assert_empty_dir(&tmp);
+    Outcome { run, layer: fs::read(&layer).ok(), image: img.exists().then_some(img) }
+}
+
+#[test]
+fn every_edge_case_row_in_one_boot() {
+    let Some(img) = edge_image() else {
+        eprintln!("skipped: busybox-static or gcc -static is missing");
+        return;
+    };
+    let dir = scratch();
+    let base = dir.path().join("edge.tar");
+    write(&base, &Build::new(Format::DockerHybrid), &[img]);
+    let (ctr_dir, ctr_tar) = copy_to_root_inputs(dir.path());
+    let o = run_script(
+        dir.path(),
+        base.to_str().unwrap(),
+        &edge_script(),
+        &["--env", "OVERRIDE=cli", "--env", "CLI_VAR=x", "--copy-to-root", ctr_dir.to_str().unwrap(), "--copy-to-root", ctr_tar.to_str().unwrap()],
+    );
+    let run = ok(o.run);
+    let layer = o.layer.expect("--layer-output written");
+
+    // The report the script wrote, from the layer itself.
+    let members: Vec<(String, Vec<u8>)> = {
+        let p = dir.path().join("layer-copy.tar");
+        fs::write(&p, &layer).unwrap();
+        tar_members(&p)
+    };
+    let report = members.iter().find(|(n, _)| n == "out/report").map(|(_, b)| String::from_utf8_lossy(b).into_owned());
+    let want_report = expected_report();
+    assert_eq!(report.as_deref(), Some(want_report.as_str()), "what the script saw (stderr: {run:?})");
+
+    assert_eq!(listing(&layer), expected_layer(want_report.len()), "the new layer, entry by entry");
+
+    // Every new entry gets the epoch: --created's default, 1970-01-01T00:00:01Z.
+    assert!(mtimes(&layer).iter().all(|&m| m == 1), "mtimes {:?}", mtimes(&layer));
+    // The non-UTF-8 name travels as its exact bytes.
+    let names: Vec<Vec<u8>> =
+        tar::Archive::new(&layer[..]).entries().unwrap().map(|e| e.unwrap().path_bytes().into_owned()).collect();
+    assert!(names.contains(&b"names-copy/bad\xffname".to_vec()), "raw name bytes kept");
+    // Hardlink contents: the link entries carry none, the first name all.
+    let h1 = members.iter().find(|(n, _)| n == "out/h1").unwrap();
+    assert_eq!(h1.1, b"hl\n");
+    // Headers: PAX (never GNU long-name records), no user/group names.
+    let raw = raw_headers(&layer);
+    assert!(raw.iter().all(|(t, ..)| *t != b'L' && *t != b'K'), "GNU long-name records: {raw:?}");
+    assert!(raw.iter().any(|(t, ..)| *t == b'x'), "PAX records for the long, odd and big entries");
+    for (t, name, uname, gname, magic) in &raw {
+        assert!(uname.is_empty() && gname.is_empty(), "{} has uname/gname {uname:?}/{gname:?}", String::from_utf8_lossy(name));
+        assert_eq!(magic, b"ustar\x0000", "ustar header for {} (type {})", String::from_utf8_lossy(name), *t as char);
+    }
+    // The -o image carries the same layer as its top layer.
+    let out = OutImage::open(&o.image.unwrap(), dir.path());
+    assert_eq!(out.new_layer(), layer, "-o's new layer equals --layer-output");
+    assert_eq!(out.layers.len(), 4);
+}
+
+/// A layer that must be rejected: exit 125, the message names the entry,
+/// nothing written.
+fn assert_rejected(bad: Layer, entry: &str) {
+    let Some(bb) = busybox_entries() else {
+        eprintln!("skipped: busybox-static is missing");
+        return;
+    };
+    let dir = scratch();
+    let base = dir.path().join("bad.tar");
+    write(&base, &Build::new(Format::OciArchive), &[image(vec![layer(bb), bad])]);
+    let o = run_script(dir.path(), base.to_str().unwrap(), "echo the script must not run > /ran\n", &[]);
+    assert_eq!(o.run.code, 125, "{:?}", o.run);
+    assert!(o.run.stderr.contains(entry), "the message names {entry:?}: {:?}", o.run);
+    assert!(o.layer.is_none() && o.image.is_none(), "nothing written");
+}
+
+#[test]
+fn a_symlinked_parent_breakout_is_rejected_naming_the_entry() {
+    assert_rejected(layer(vec![symlink("a", "/"), file("a/etc/x", "evil\n")]), "a/etc/x");
+}
+
+#[test]
+fn a_dotdot_name_is_rejected_naming_the_entry() {
+    assert_rejected(layer(vec![dir("etc"), file("etc/../../escape", "evil\n")]), "etc/../../escape");
+}
+
+#[test]
+fn a_leading_dotdot_name_is_rejected_naming_the_entry() {
+    assert_rejected(layer(vec![file("../escape", "evil\n")]), "../escape");
+}
+
+#[test]
+fn a_missing_interpreter_is_a_clear_error_naming_it() {
+    let Some(bb) = busybox_entries() else {
+        eprintln!("skipped: busybox-static is missing");
+        return;
+    };
+    let dir = scratch();
+    let base = dir.path().join("base.tar");
+    write(&base, &Build::new(Format::DockerHybrid), &[image(vec![layer(bb)])]);
+    let o = run_script(dir.path(), base.to_str().unwrap(), "#!/usr/bin/python3\nprint('hi')\n", &[]);
+    assert_eq!(o.run.code, 125, "{:?}", o.run);
+    assert!(o.run.stderr.contains("/usr/bin/python3"), "the message names the interpreter: {:?}", o.run);
+    assert!(o.layer.is_none() && o.image.is_none(), "nothing written");
+}
+
+#[test]
+fn a_shebang_picks_the_interpreter_and_its_arguments() {
+    let Some(bb) = busybox_entries() else {
+        eprintln!("skipped: busybox-static is missing");
+        return;
+    };
+    let dir = scratch();
+    let base = dir.path().join("base.tar");
+    write(&base, &Build::new(Format::DockerHybrid), &[image(vec![layer(bb)])]);
+    // `sh -e`: the failing `false` stops the script with its code.
+    let o = run_script(dir.path(), base.to_str().unwrap(), "#!/bin/sh -e\nfalse\ntouch /not-reached\n", &[]);
+    assert_eq!(o.run.code, 1, "the shebang's -e stopped the script: {:?}", o.run);
+    assert!(o.layer.is_none() && o.image.is_none(), "nothing written when the script fails");
+    // Another interpreter than /bin/sh, named by absolute path.
+    let o = run_script(dir.path(), base.to_str().unwrap(), "#!/bin/busybox ash\necho ok > /ran\n", &[]);
+    ok(o.run);
+    assert_eq!(listing(&o.layer.unwrap()), vec!["ran file 644 0:0 3"]);
+}
