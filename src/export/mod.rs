@@ -329,10 +329,19 @@ mod tests {
     }
 
     fn run(tars: &[(Vec<u8>, Compression)], clamp: Option<u64>) -> Result<(Vec<u8>, ExportStats), ExportError> {
+        run_with(tars, clamp, |_| {})
+    }
+
+    fn run_with(
+        tars: &[(Vec<u8>, Compression)],
+        clamp: Option<u64>,
+        tweak: impl Fn(&mut Vec<Layer>),
+    ) -> Result<(Vec<u8>, ExportStats), ExportError> {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
         std::fs::create_dir(&spool).unwrap();
-        let layers = layers(dir.path(), tars);
+        let mut layers = layers(dir.path(), tars);
+        tweak(&mut layers);
         let mut out = Vec::new();
         let stats = export(&layers, &ExportOptions { clamp_mtime: clamp, temp_dir: spool.clone() }, &mut out)?;
         assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "spool files left behind");
@@ -457,8 +466,13 @@ mod tests {
             assert_eq!(stats.spooled_bytes, spooled, "{c:?}");
             outputs.push(out);
         }
+        // An uncompressed layer the image reader did not measure is hashed
+        // while its headers are read (not only seeked through).
+        let unmeasured = |ls: &mut Vec<Layer>| ls.iter_mut().for_each(|l| l.blob_digest = sha(b"not measured"));
+        let (hashed, _) = run_with(&[(base.clone(), Compression::None), (top.clone(), Compression::None)], None, unmeasured).unwrap();
         assert_eq!(outputs[0], outputs[1]);
         assert_eq!(outputs[0], outputs[2]);
+        assert_eq!(outputs[0], hashed);
         assert_eq!(listing(&outputs[0]).len(), 3);
     }
 
@@ -490,9 +504,19 @@ mod tests {
                 ),
             ),
             (
-                "truncated archive",
+                "a range past the end of the file",
                 vec![(good.clone(), Compression::None)],
-                Box::new(|ls: &mut Vec<Layer>| ls[0].blob.length += 10_000),
+                Box::new(|ls: &mut Vec<Layer>| {
+                    ls[0].blob.length += 10_000;
+                    ls[0].blob_digest = sha(b"not measured");
+                }),
+                "cannot read layer 0 (l0/layer.tar): its bytes are truncated, corrupt or not a tar (of the compression detected)"
+                    .into(),
+            ),
+            (
+                "a measured tar whose last file is cut short",
+                vec![(tar_of(&[file("f", &"x".repeat(5000))])[..1024].to_vec(), Compression::None)],
+                Box::new(|_: &mut Vec<Layer>| {}),
                 "cannot read layer 0 (l0/layer.tar): its bytes are truncated, corrupt or not a tar (of the compression detected)"
                     .into(),
             ),
@@ -524,6 +548,13 @@ mod tests {
                 Box::new(|_: &mut Vec<Layer>| {}),
                 "layer 1 (l1/layer.tar): entry etc/shadow writes into etc, which is a symlink or a file in the layers below \
                  (refusing to follow it: the layer must replace etc with a directory entry first)"
+                    .into(),
+            ),
+            (
+                "a char device 0:0",
+                vec![(tar_of(&[t("dev/wh", E::Char)]), Compression::None)],
+                Box::new(|_: &mut Vec<Layer>| {}),
+                "layer 0 (l0/layer.tar): entry \"dev/wh\": a char device 0:0 cannot be stored in a layer: it is overlayfs' whiteout"
                     .into(),
             ),
             (

@@ -3,12 +3,16 @@
 //!
 //! An uncompressed layer is read where the image stores it (a byte range
 //! of the archive or a blob file) and its file data is later read from
-//! there by offset. A compressed layer is decompressed once, and the
-//! uncompressed tar spooled to an unnamed temporary file that pass 2
-//! reads by offset; the file disappears when the export is done.
+//! there by offset. When the image reader has already measured those very
+//! bytes (`blob_digest`, which `image::open` computes over every stored
+//! blob) and they are the diff_id, only the headers are read: file data
+//! is seeked over, not read twice nor hashed twice. A compressed layer is
+//! decompressed once, and the uncompressed tar spooled to an unnamed
+//! temporary file that pass 2 reads by offset; the file disappears when
+//! the export is done.
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +29,9 @@ use runasroot_guest::whiteout::{self, Name};
 /// run in big pieces, small enough that parallel readers stay far below
 /// the export's memory budget.
 const BUF: usize = 256 << 10;
+/// Buffer of the header-only reader: small files and their headers are
+/// read in one piece, large files seeked over.
+const HEADER_BUF: usize = 64 << 10;
 /// How often (in entries) a reader checks whether another layer failed.
 const STOP_CHECK_EVERY: usize = 256;
 
@@ -54,6 +61,15 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, temp_dir: &Path, stop: &Ato
         path: layer.blob.file.clone(),
         source: e,
     })?;
+    if layer.compression == Compression::None && layer.blob_digest == layer.diff_id {
+        let tree = {
+            let reader = SkippingReader::new(&file, layer.blob.offset, layer.blob.length);
+            let mut archive = tar::Archive::new(reader);
+            let entries = archive.entries_with_seek().map_err(|e| read_error(&label, e))?;
+            index_entries(entries, source, &label, stop)?
+        };
+        return Ok(ReadLayer { tree, source: Source { file, base: layer.blob.offset, label }, spooled_bytes: 0 });
+    }
     let range = RangeReader { file: &file, pos: layer.blob.offset, end: layer.blob.offset.saturating_add(layer.blob.length) };
     let spool = match layer.compression {
         Compression::None => None,
@@ -67,7 +83,7 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, temp_dir: &Path, stop: &Ato
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(BUF, range))),
         Compression::Zstd => Box::new(
             zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(BUF, range))
-                .map_err(|e| ExportError::ReadLayer { layer: label.clone(), source: e })?,
+                .map_err(|e| read_error(&label, e))?,
         ),
     };
     let mut tee = Tee { inner: decoded, hasher: Sha256::new(), len: 0, spool, spool_error: None };
@@ -98,22 +114,35 @@ fn spool_error(label: &str, dir: &Path, source: io::Error) -> ExportError {
     ExportError::Spool { layer: label.to_string(), dir: dir.to_path_buf(), source }
 }
 
+fn read_error(label: &str, source: io::Error) -> ExportError {
+    ExportError::ReadLayer { layer: label.to_string(), source }
+}
+
 /// Parses the tar on `stream` (to its very end: the digest covers the
 /// padding after the end-of-archive blocks too).
 fn parse(stream: &mut dyn Read, source: u32, label: &str, stop: &AtomicBool) -> Result<LayerTree, ExportError> {
-    let read_error = |e| ExportError::ReadLayer { layer: label.to_string(), source: e };
     let mut archive = tar::Archive::new(BufReader::with_capacity(BUF, stream));
+    let tree = index_entries(archive.entries().map_err(|e| read_error(label, e))?, source, label, stop)?;
+    io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(|e| read_error(label, e))?;
+    Ok(tree)
+}
+
+fn index_entries<R: Read>(
+    entries: tar::Entries<'_, R>,
+    source: u32,
+    label: &str,
+    stop: &AtomicBool,
+) -> Result<LayerTree, ExportError> {
     let mut tree = LayerTree::new();
-    for (n, entry) in archive.entries().map_err(read_error)?.enumerate() {
+    for (n, entry) in entries.enumerate() {
         if n % STOP_CHECK_EVERY == 0 && stop.load(Ordering::Relaxed) {
-            return Err(read_error(io::Error::other("stopped: another layer failed")));
+            return Err(read_error(label, io::Error::other("stopped: another layer failed")));
         }
-        let mut entry = entry.map_err(read_error)?;
+        let mut entry = entry.map_err(|e| read_error(label, e))?;
         if let Some((path, kind)) = convert(&mut entry, source, label)? {
             tree.insert(&path, kind, label)?;
         }
     }
-    io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(read_error)?;
     Ok(tree)
 }
 
@@ -165,6 +194,10 @@ fn convert<R: Read>(entry: &mut tar::Entry<'_, R>, source: u32, label: &str) -> 
             let (Some(major), Some(minor)) = (major, minor) else {
                 return Err(bad_header("devmajor", io::Error::other("a device in a pre-ustar header")));
             };
+            if entry_type == tar::EntryType::Char && (major, minor) == (0, 0) {
+                // overlayfs (the in-VM engine) reads it as a whiteout.
+                return Err(bad_path("a char device 0:0 cannot be stored in a layer: it is overlayfs' whiteout"));
+            }
             let content = if entry_type == tar::EntryType::Char {
                 Content::Char { major, minor }
             } else {
@@ -226,7 +259,11 @@ fn read_meta(raw: RawMeta, label: &str, entry: &[u8]) -> Result<Meta, ExportErro
     };
     let id = |field, v: io::Result<u64>| -> Result<u32, ExportError> {
         let v = v.map_err(|e| bad(field, e))?;
-        u32::try_from(v).map_err(|_| bad(field, io::Error::other(format!("{v} does not fit Linux's 32-bit ids"))))
+        // u32::MAX is chown's "leave unchanged": not an owner.
+        u32::try_from(v)
+            .ok()
+            .filter(|&v| v != u32::MAX)
+            .ok_or_else(|| bad(field, io::Error::other(format!("{v} is not a Linux owner id (at most 4294967294)"))))
     };
     let mut meta = Meta {
         mode: raw.mode.map_err(|e| bad("mode", e))? & MODE_BITS,
@@ -294,6 +331,67 @@ impl Read for RangeReader<'_> {
     }
 }
 
+/// A layer's bytes for header-only reading: positioned reads through a
+/// buffer that survives short forward seeks (the tar reader seeks over
+/// every file's data), positions relative to the layer's first byte. A
+/// seek past the layer's end is an error, so a tar whose last file is
+/// cut short is refused rather than read as complete.
+struct SkippingReader<'a> {
+    file: &'a File,
+    base: u64,
+    len: u64,
+    pos: u64,
+    buf: Vec<u8>,
+    /// Layer position of `buf[0]`, and how much of `buf` is valid.
+    buf_at: u64,
+    buf_len: usize,
+}
+
+impl<'a> SkippingReader<'a> {
+    fn new(file: &'a File, base: u64, len: u64) -> Self {
+        SkippingReader { file, base, len, pos: 0, buf: vec![0; HEADER_BUF], buf_at: 0, buf_len: 0 }
+    }
+}
+
+impl Read for SkippingReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos < self.buf_at || self.pos >= self.buf_at + self.buf_len as u64 {
+            let want = self.buf.len().min(usize::try_from(self.len - self.pos).unwrap_or(usize::MAX));
+            if want == 0 {
+                return Ok(0);
+            }
+            let n = self.file.read_at(&mut self.buf[..want], self.base + self.pos)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file ends before the layer's last byte"));
+            }
+            self.buf_at = self.pos;
+            self.buf_len = n;
+        }
+        let from = (self.pos - self.buf_at) as usize;
+        let n = out.len().min(self.buf_len - from);
+        out[..n].copy_from_slice(&self.buf[from..from + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for SkippingReader<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+        };
+        match target {
+            Some(p) if p <= self.len => {
+                self.pos = p;
+                Ok(p)
+            }
+            _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "an entry's data runs past the end of the layer")),
+        }
+    }
+}
+
 /// Hashes (and spools, for a compressed layer) the uncompressed stream as
 /// the tar parser reads it.
 struct Tee<R> {
@@ -337,6 +435,28 @@ mod tests {
         for (input, want) in table {
             assert_eq!(pax_seconds(input.as_bytes()), *want, "{input}");
         }
+    }
+
+    #[test]
+    fn skipping_reader_reads_seeks_and_refuses_to_run_past_the_end() {
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        let mut r = SkippingReader::new(&f, 100, 150_000);
+        let mut got = [0u8; 10];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(got[..], data[100..110]);
+        // Within the buffer, then far beyond it, then back.
+        for at in [5_000u64, 140_000, 20] {
+            assert_eq!(r.seek(SeekFrom::Start(at)).unwrap(), at);
+            r.read_exact(&mut got).unwrap();
+            assert_eq!(got[..], data[100 + at as usize..110 + at as usize], "at {at}");
+        }
+        assert_eq!(r.seek(SeekFrom::Current(149_970)).unwrap(), 150_000);
+        assert_eq!(r.read(&mut got).unwrap(), 0);
+        assert!(r.seek(SeekFrom::Current(1)).is_err());
+        let mut short = SkippingReader::new(&f, 199_990, 100);
+        assert_eq!(short.read_to_end(&mut Vec::new()).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

@@ -18,15 +18,19 @@
 //!   of its own, a directory over a lower non-directory starts empty;
 //! * a directory a layer only implies (it writes below it without an
 //!   entry for it) keeps the metadata the layers below give it, or gets
-//!   [`Meta::implied_dir`] where they have nothing; where they have a
-//!   non-directory it is an error (overlayfs would hide the lower file,
-//!   umoci and Docker would write through a lower symlink);
+//!   [`Meta::implied_dir`] where they have nothing or where an earlier
+//!   whiteout of this layer deleted it (or an ancestor); where the layers
+//!   below have a non-directory it is an error (overlayfs would hide the
+//!   lower file, umoci and Docker would write through a lower symlink).
+//!   "Earlier" is tar order, as in the guest's unpack and in umoci's: a
+//!   whiteout after the entries below it leaves the lower metadata; an
+//!   opaque marker hides lower contents, not the directory's metadata;
 //! * a hard link whose target is in its own layer joins the target's
 //!   inode; one whose target is only in the layers below becomes a copy
 //!   of the regular file visible there, metadata included (what umoci's
 //!   shared inode shows), and is a group of its own from then on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use runasroot_guest::tarfmt::{self, Entry, Kind};
 use runasroot_guest::whiteout::{self, Name};
@@ -112,7 +116,8 @@ enum LNode {
 
 #[derive(Debug, Default)]
 struct LDir {
-    /// `None`: the layer writes below this directory without an entry.
+    /// `None`: the layer writes below this directory without an entry (the
+    /// layers below lend it metadata at merge time).
     meta: Option<Meta>,
     /// The first entry written below it while it had no entry of its own,
     /// to name in an error.
@@ -143,6 +148,9 @@ enum LInode {
 pub(crate) struct LayerTree {
     root: LDir,
     inodes: Vec<LInode>,
+    /// Paths this layer's whiteouts named so far: a directory implied at
+    /// or below one of them has nothing below to take metadata from.
+    whited: HashSet<Box<[u8]>>,
 }
 
 impl LayerTree {
@@ -194,7 +202,15 @@ impl LayerTree {
         let dir = self.parent_dir(&components, path, layer)?;
         match action {
             Action::Opaque => dir.opaque = true,
-            Action::Whiteout(hidden) => dir.whiteouts.push(hidden.into()),
+            Action::Whiteout(hidden) => {
+                dir.whiteouts.push(hidden.into());
+                let mut target = join(&components[..components.len() - 1]);
+                if !target.is_empty() {
+                    target.push(b'/');
+                }
+                target.extend_from_slice(hidden);
+                self.whited.insert(target.into());
+            }
             Action::Dir(n, meta) => match dir.children.get_mut(n) {
                 Some(LNode::Dir(d)) => {
                     d.meta = Some(meta);
@@ -252,10 +268,16 @@ impl LayerTree {
     /// implies; refuses to go below a non-directory of this layer.
     fn parent_dir(&mut self, components: &[&[u8]], path: &[u8], layer: &str) -> Result<&mut LDir, ExportError> {
         let parents = &components[..components.len() - 1];
+        let whited = &self.whited;
         let mut dir = &mut self.root;
         for (i, &c) in parents.iter().enumerate() {
             if !dir.children.contains_key(c) {
-                let d = LDir { implied_by: Some(path.into()), ..LDir::default() };
+                let deleted = !whited.is_empty() && (0..=i).any(|k| whited.contains(&join(&parents[..=k])[..]));
+                let d = if deleted {
+                    LDir { meta: Some(Meta::implied_dir()), ..LDir::default() }
+                } else {
+                    LDir { implied_by: Some(path.into()), ..LDir::default() }
+                };
                 dir.children.insert(c.into(), LNode::Dir(Box::new(d)));
             }
             dir = match dir.children.get_mut(c) {
@@ -330,8 +352,10 @@ impl Merged {
             });
         }
         self.inodes.extend(resolved);
+        let mut root = layer.root;
         let mut path = Vec::new();
-        apply_dir(&mut self.root, layer.root, base, &mut path, label)?;
+        lend_metadata(&mut root, Some(&self.root), &mut path, label)?;
+        apply_dir(&mut self.root, root, base);
         Ok(copies)
     }
 
@@ -371,7 +395,45 @@ impl Merged {
     }
 }
 
-fn apply_dir(m: &mut MDir, l: LDir, base: usize, path: &mut Vec<u8>, label: &str) -> Result<(), ExportError> {
+/// Gives every directory the layer only implies the metadata the layers
+/// below (`lower`, before this layer changes anything) show at its path;
+/// refuses one where they show a non-directory.
+fn lend_metadata(l: &mut LDir, lower: Option<&MDir>, path: &mut Vec<u8>, label: &str) -> Result<(), ExportError> {
+    for (name, child) in &mut l.children {
+        let LNode::Dir(ld) = child else { continue };
+        let len = path.len();
+        if len > 0 {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name);
+        let below = lower.and_then(|m| m.children.get(name));
+        if ld.meta.is_none() {
+            ld.meta = Some(match below {
+                Some(MNode::Dir(md)) => md.meta.clone(),
+                Some(MNode::Leaf(_)) => {
+                    return Err(ExportError::WritesIntoNonDirectory {
+                        layer: label.into(),
+                        entry: lossy(ld.implied_by.as_deref().unwrap_or(path)),
+                        path: lossy(path),
+                    })
+                }
+                None => Meta::implied_dir(),
+            });
+        }
+        let below = match below {
+            Some(MNode::Dir(md)) => Some(&**md),
+            _ => None,
+        };
+        lend_metadata(ld, below, path, label)?;
+        path.truncate(len);
+    }
+    Ok(())
+}
+
+/// Applies one layer's directory onto the merged one: its whiteouts and
+/// opaque marker first (they only hide what is below), then its entries.
+/// Every directory of `l` has its metadata by now ([`lend_metadata`]).
+fn apply_dir(m: &mut MDir, l: LDir, base: usize) {
     if l.opaque {
         m.children.clear();
     }
@@ -382,35 +444,22 @@ fn apply_dir(m: &mut MDir, l: LDir, base: usize, path: &mut Vec<u8>, label: &str
         m.meta = meta;
     }
     for (name, child) in l.children {
-        let len = path.len();
-        if len > 0 {
-            path.push(b'/');
-        }
-        path.extend_from_slice(&name);
         match child {
             LNode::Leaf(id) => {
                 m.children.insert(name, MNode::Leaf(base + id));
             }
             LNode::Dir(ld) => match m.children.get_mut(&name) {
-                Some(MNode::Dir(md)) => apply_dir(md, *ld, base, path, label)?,
-                Some(MNode::Leaf(_)) if ld.meta.is_none() => {
-                    return Err(ExportError::WritesIntoNonDirectory {
-                        layer: label.into(),
-                        entry: lossy(ld.implied_by.as_deref().unwrap_or(path)),
-                        path: lossy(path),
-                    })
-                }
+                Some(MNode::Dir(md)) => apply_dir(md, *ld, base),
+                // Over a non-directory (or nothing): a new directory, nothing
+                // below it merges.
                 _ => {
-                    let meta = ld.meta.clone().unwrap_or_else(Meta::implied_dir);
-                    let mut md = MDir { meta, children: BTreeMap::new() };
-                    apply_dir(&mut md, *ld, base, path, label)?;
+                    let mut md = MDir { meta: Meta::implied_dir(), children: BTreeMap::new() };
+                    apply_dir(&mut md, *ld, base);
                     m.children.insert(name, MNode::Dir(Box::new(md)));
                 }
             },
         }
-        path.truncate(len);
     }
-    Ok(())
 }
 
 fn count_names(dir: &MDir, names: &mut [u32]) {
@@ -677,6 +726,29 @@ mod tests {
                 "whiteout of a lower symlink lets the layer imply a dir there",
                 vec![vec![("d", L("/etc"))], vec![(".wh.d", M), ("d/x", F)]],
                 Ok(vec!["d d 755 0", "d/x f@1:1 644 10"]),
+            ),
+            (
+                "an earlier whiteout of an ancestor: implied dirs get no lower metadata",
+                vec![vec![("a", D(0o700)), ("a/b", D(0o700)), ("a/b/old", F)], vec![(".wh.a", M), ("a/b/new", F)]],
+                Ok(vec!["a d 755 0", "a/b d 755 0", "a/b/new f@1:1 644 10"]),
+            ),
+            (
+                "a later whiteout: the implied dir keeps lower metadata, lower contents go",
+                vec![vec![("a", D(0o700)), ("a/old", F)], vec![("a/new", F), (".wh.a", M)]],
+                Ok(vec!["a d 700 10", "a/new f@1:0 644 10"]),
+            ),
+            (
+                "a later whiteout does not excuse writing into a lower symlink",
+                vec![vec![("d", L("/etc"))], vec![("d/x", F), (".wh.d", M)]],
+                Err("entry d/x writes into d"),
+            ),
+            (
+                "an opaque marker hides lower contents, not lower metadata",
+                vec![
+                    vec![("d", D(0o755)), ("d/sub", D(0o700)), ("d/sub/old", F)],
+                    vec![("d/.wh..wh..opq", M), ("d/sub/new", F)],
+                ],
+                Ok(vec!["d d 755 10", "d/sub d 700 10", "d/sub/new f@1:1 644 10"]),
             ),
             (
                 "same path twice in one layer: last wins, a file drops the layer's subtree",
