@@ -183,7 +183,8 @@ fn tiny_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
 /// The guest kernel's directory from kernel-config/build.sh, or why not.
 fn kernel_dir() -> Result<PathBuf, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel-config/build.sh");
-    let out = Command::new("bash").arg(&script).output().map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let out =
+        Command::new("bash").arg(&script).output().map_err(|e| format!("cannot run {}: {e}", script.display()))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(format!("kernel-config/build.sh failed ({}): {}", out.status, stderr.trim()));

@@ -158,12 +158,14 @@ pub fn load_kernel(mem: &GuestMemory, images: &KernelImages) -> Result<LoadedKer
     let highmem = Some(GuestAddress(HIMEM_START));
     if let Some(path) = &images.vmlinux {
         let mut file = open(path)?;
-        let loaded = Elf::load(mem, None, &mut file, highmem).map_err(|source| Error::LoadKernel { path: path.clone(), source })?;
+        let loaded = Elf::load(mem, None, &mut file, highmem)
+            .map_err(|source| Error::LoadKernel { path: path.clone(), source })?;
         return Ok(LoadedKernel { entry: loaded.kernel_load.0, end: loaded.kernel_end, setup_header: None });
     }
     let path = &images.bzimage;
     let mut file = open(path)?;
-    let loaded = BzImage::load(mem, None, &mut file, highmem).map_err(|source| Error::LoadKernel { path: path.clone(), source })?;
+    let loaded = BzImage::load(mem, None, &mut file, highmem)
+        .map_err(|source| Error::LoadKernel { path: path.clone(), source })?;
     let header = loaded.setup_header.expect("BzImage::load always returns the setup header");
     if header.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(Error::Not64Bit { path: path.clone(), version: header.version, xloadflags: header.xloadflags });
@@ -193,7 +195,12 @@ pub fn initramfs_addr(size: u64, kernel: &LoadedKernel, low_ram_end: u64) -> Opt
 }
 
 /// The zero page (boot.rst "Details of Header Fields", zero-page.rst).
-pub fn zero_page(kernel: &LoadedKernel, cmdline: &str, initramfs: Option<(u64, u64)>, ram: &[(u64, u64)]) -> boot_params {
+pub fn zero_page(
+    kernel: &LoadedKernel,
+    cmdline: &str,
+    initramfs: Option<(u64, u64)>,
+    ram: &[(u64, u64)],
+) -> boot_params {
     let mut params = boot_params::default();
     match kernel.setup_header {
         Some(header) => params.hdr = header,
@@ -437,7 +444,17 @@ mod tests {
             (0..3).map(|i| 0x2d0 + i * 20).map(|o| (u64_at(b, o), u64_at(b, o + 8), u32_at(b, o + 16))).collect();
         assert_eq!(e820, vec![(0, 0x9fc00, 1), (0x10_0000, 0x1ff0_0000, 1), (0, 0, 0)]);
         // Nothing else is set: every byte outside the fields above is zero.
-        let set: &[(usize, usize)] = &[(0x1e8, 1), (0x1fe, 2), (0x202, 4), (0x210, 1), (0x218, 8), (0x228, 4), (0x230, 4), (0x238, 4), (0x2d0, 40)];
+        let set: &[(usize, usize)] = &[
+            (0x1e8, 1),
+            (0x1fe, 2),
+            (0x202, 4),
+            (0x210, 1),
+            (0x218, 8),
+            (0x228, 4),
+            (0x230, 4),
+            (0x238, 4),
+            (0x2d0, 40),
+        ];
         for (i, byte) in b.iter().enumerate() {
             if !set.iter().any(|&(o, l)| i >= o && i < o + l) {
                 assert_eq!(*byte, 0, "byte {i:#x}");
@@ -447,7 +464,13 @@ mod tests {
 
     #[test]
     fn zero_page_keeps_a_bzimage_header() {
-        let header = setup_header { version: 0x020f, xloadflags: 1, initrd_addr_max: 0x7fff_ffff, setup_sects: 30, ..Default::default() };
+        let header = setup_header {
+            version: 0x020f,
+            xloadflags: 1,
+            initrd_addr_max: 0x7fff_ffff,
+            setup_sects: 30,
+            ..Default::default()
+        };
         let kernel = LoadedKernel { entry: 0x10_0200, end: 0x30_0000, setup_header: Some(header) };
         let p = zero_page(&kernel, "quiet", None, &[(0, 0x9fc00)]);
         assert_eq!({ p.hdr.version }, 0x020f);
@@ -576,7 +599,11 @@ mod tests {
         m.read_slice(&mut line, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(line, [info.cmdline.as_bytes(), b"\0"].concat());
         let params: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
-        assert_eq!(params.as_slice(), zero_page(&info.kernel, &info.cmdline, info.initramfs, &[(0, 0x9fc00), (0x10_0000, (127 << 20))]).as_slice());
+        assert_eq!(
+            params.as_slice(),
+            zero_page(&info.kernel, &info.cmdline, info.initramfs, &[(0, 0x9fc00), (0x10_0000, (127 << 20))])
+                .as_slice()
+        );
         assert_eq!(m.read_obj::<u64>(GuestAddress(BOOT_GDT_START + 8)).unwrap(), GDT[1]);
         assert_eq!(m.read_obj::<u64>(GuestAddress(PDE_START + 8)).unwrap(), 0x20_0083);
         let mut mp = vec![0u8; mptable::build(2).unwrap().len()];

@@ -111,8 +111,9 @@ mod tests {
     /// with its id.
     struct Probe {
         id: u8,
-        log: Arc<Mutex<Vec<(char, u8, u64, Vec<u8>)>>>,
+        log: Log,
     }
+    type Log = Arc<Mutex<Vec<(char, u8, u64, Vec<u8>)>>>;
 
     impl BusDevice for Probe {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -141,10 +142,7 @@ mod tests {
         let mut w = [0u8; 2];
         assert!(!bus.read(0x3ff, &mut w), "straddles the end of COM1");
         assert!(bus.read(0x3fe, &mut w));
-        assert_eq!(
-            *log.lock().unwrap(),
-            vec![('r', 1, 5, vec![1]), ('w', 2, 4, vec![0xfe]), ('r', 1, 6, vec![1, 1])]
-        );
+        assert_eq!(*log.lock().unwrap(), vec![('r', 1, 5, vec![1]), ('w', 2, 4, vec![0xfe]), ('r', 1, 6, vec![1, 1])]);
     }
 
     #[test]

@@ -164,8 +164,8 @@ mod tests {
             let gap = start >= MMIO_GAP_START && end <= MMIO_GAP_END;
             assert!(low || gap, "{name} {start:#x}..{end:#x} is neither in base memory nor in the MMIO gap");
         }
-        assert!(BOOT_STACK_POINTER % 16 == 0);
-        assert!(IDENTITY_MAP_SIZE >= HIMEM_START, "the boot page tables must cover the kernel");
+        const { assert!(BOOT_STACK_POINTER % 16 == 0) };
+        const { assert!(IDENTITY_MAP_SIZE >= HIMEM_START, "the boot page tables must cover the kernel") };
     }
 
     #[test]

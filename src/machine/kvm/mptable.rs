@@ -7,7 +7,7 @@
 //! Built as bytes by a pure function (the same recipe as Firecracker's
 //! `arch/x86_64/mptable.rs`), written to [`MPTABLE_START`] by the caller.
 
-use super::layout::{IOAPIC_PINS, IOAPIC_START, LAPIC_START, MPTABLE_START, EBDA_END};
+use super::layout::{EBDA_END, IOAPIC_PINS, IOAPIC_START, LAPIC_START, MPTABLE_START};
 
 /// Most vCPUs whose entries fit between [`MPTABLE_START`] and the end of
 /// base memory (and more than our kernel's NR_CPUS anyway).

@@ -402,9 +402,15 @@ mod tests {
             (VcpuExit::Shutdown, Decision::Reset),
             (VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), Decision::Reset),
             (VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]), Decision::Reset),
-            (VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[]), Decision::Fail("the guest crashed (KVM_SYSTEM_EVENT_CRASH)".into())),
+            (
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[]),
+                Decision::Fail("the guest crashed (KVM_SYSTEM_EVENT_CRASH)".into()),
+            ),
             (VcpuExit::Hlt, Decision::Fail("the vCPU halted with no interrupt to wake it".into())),
-            (VcpuExit::FailEntry(0x80000021, 1), Decision::Fail("KVM could not enter the guest (hardware entry failure 0x80000021 on CPU 1)".into())),
+            (
+                VcpuExit::FailEntry(0x80000021, 1),
+                Decision::Fail("KVM could not enter the guest (hardware entry failure 0x80000021 on CPU 1)".into()),
+            ),
             (VcpuExit::InternalError, Decision::Fail("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())),
             (VcpuExit::Exception, Decision::Fail("unexpected VM exit Exception".into())),
         ];

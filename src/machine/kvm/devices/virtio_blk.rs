@@ -15,8 +15,8 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
@@ -260,8 +260,7 @@ mod tests {
     /// A disk of `sectors` sectors where byte i of sector s is (s + i) % 251.
     fn disk(sectors: u64, read_only: bool, serial: &str) -> Disk {
         let file = tempfile::NamedTempFile::new().unwrap();
-        let bytes: Vec<u8> =
-            (0..sectors * 512).map(|i| ((i / 512 + i % 512) % 251) as u8).collect();
+        let bytes: Vec<u8> = (0..sectors * 512).map(|i| ((i / 512 + i % 512) % 251) as u8).collect();
         file.as_file().write_all_at(&bytes, 0).unwrap();
         let spec = DiskSpec { path: file.path().to_path_buf(), read_only, serial: serial.into() };
         Disk { block: Block::open(&spec).unwrap(), _file: file }
@@ -363,20 +362,86 @@ mod tests {
         //  short header, descriptors, want (used len, status))
         type Case = (&'static str, bool, Option<(u32, u64)>, Vec<RawDescriptor>, (u32, u8));
         let cases: Vec<Case> = vec![
-            ("read past the end", false, Some((VIRTIO_BLK_T_IN, 7)), vec![desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)], (1, 1)),
-            ("read starting past the end", false, Some((VIRTIO_BLK_T_IN, 8)), vec![desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)], (1, 1)),
-            ("sector overflows", false, Some((VIRTIO_BLK_T_IN, u64::MAX)), vec![desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)], (1, 1)),
-            ("partial sector", false, Some((VIRTIO_BLK_T_IN, 0)), vec![desc(HDR, 16, 0), desc(DATA, 100, W), desc(STATUS, 1, W)], (1, 1)),
-            ("write past the end", false, Some((VIRTIO_BLK_T_OUT, 8)), vec![desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)], (1, 1)),
-            ("write to a read-only disk", true, Some((VIRTIO_BLK_T_OUT, 0)), vec![desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)], (1, 1)),
+            (
+                "read past the end",
+                false,
+                Some((VIRTIO_BLK_T_IN, 7)),
+                vec![desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)],
+                (1, 1),
+            ),
+            (
+                "read starting past the end",
+                false,
+                Some((VIRTIO_BLK_T_IN, 8)),
+                vec![desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+                (1, 1),
+            ),
+            (
+                "sector overflows",
+                false,
+                Some((VIRTIO_BLK_T_IN, u64::MAX)),
+                vec![desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+                (1, 1),
+            ),
+            (
+                "partial sector",
+                false,
+                Some((VIRTIO_BLK_T_IN, 0)),
+                vec![desc(HDR, 16, 0), desc(DATA, 100, W), desc(STATUS, 1, W)],
+                (1, 1),
+            ),
+            (
+                "write past the end",
+                false,
+                Some((VIRTIO_BLK_T_OUT, 8)),
+                vec![desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+                (1, 1),
+            ),
+            (
+                "write to a read-only disk",
+                true,
+                Some((VIRTIO_BLK_T_OUT, 0)),
+                vec![desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+                (1, 1),
+            ),
             ("unknown type", false, Some((99, 0)), vec![desc(HDR, 16, 0), desc(STATUS, 1, W)], (1, 2)),
             ("discard is not offered", false, Some((11, 0)), vec![desc(HDR, 16, 0), desc(STATUS, 1, W)], (1, 2)),
             ("short header", false, None, vec![desc(HDR, 8, 0), desc(STATUS, 1, W)], (1, 1)),
-            ("header in a writable buffer", false, Some((VIRTIO_BLK_T_IN, 0)), vec![desc(HDR, 16, W), desc(STATUS, 1, W)], (1, 1)),
-            ("no status byte", false, Some((VIRTIO_BLK_T_IN, 0)), vec![desc(HDR, 16, 0), desc(DATA, 512, 0)], (0, 0xee)),
-            ("buffer outside guest memory", false, Some((VIRTIO_BLK_T_IN, 0)), vec![desc(HDR, 16, 0), desc(0xffff_0000_0000, 512, W), desc(STATUS, 1, W)], (0, 0xee)),
-            ("buffer crossing the end of memory", false, Some((VIRTIO_BLK_T_IN, 0)), vec![desc(HDR, 16, 0), desc((64 << 20) - 256, 512, W), desc(STATUS, 1, W)], (0, 0xee)),
-            ("huge claimed length", false, Some((VIRTIO_BLK_T_OUT, 0)), vec![desc(HDR, 16, 0), desc(DATA, u32::MAX, 0), desc(STATUS, 1, W)], (0, 0xee)),
+            (
+                "header in a writable buffer",
+                false,
+                Some((VIRTIO_BLK_T_IN, 0)),
+                vec![desc(HDR, 16, W), desc(STATUS, 1, W)],
+                (1, 1),
+            ),
+            (
+                "no status byte",
+                false,
+                Some((VIRTIO_BLK_T_IN, 0)),
+                vec![desc(HDR, 16, 0), desc(DATA, 512, 0)],
+                (0, 0xee),
+            ),
+            (
+                "buffer outside guest memory",
+                false,
+                Some((VIRTIO_BLK_T_IN, 0)),
+                vec![desc(HDR, 16, 0), desc(0xffff_0000_0000, 512, W), desc(STATUS, 1, W)],
+                (0, 0xee),
+            ),
+            (
+                "buffer crossing the end of memory",
+                false,
+                Some((VIRTIO_BLK_T_IN, 0)),
+                vec![desc(HDR, 16, 0), desc((64 << 20) - 256, 512, W), desc(STATUS, 1, W)],
+                (0, 0xee),
+            ),
+            (
+                "huge claimed length",
+                false,
+                Some((VIRTIO_BLK_T_OUT, 0)),
+                vec![desc(HDR, 16, 0), desc(DATA, u32::MAX, 0), desc(STATUS, 1, W)],
+                (0, 0xee),
+            ),
         ];
         for (what, read_only, hdr, descs, want) in cases {
             match hdr {

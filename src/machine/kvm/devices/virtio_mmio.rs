@@ -166,11 +166,13 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         match Self::decode_write(offset, value) {
             Write::DeviceFeaturesSel(v) => self.device_features_sel = v,
             Write::DriverFeaturesSel(v) => self.driver_features_sel = v,
-            Write::DriverFeatures(v) if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 => match self.driver_features_sel {
-                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
-                _ => {}
-            },
+            Write::DriverFeatures(v) if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                    _ => {}
+                }
+            }
             Write::QueueSel(v) => self.queue_sel = v,
             Write::QueueNum(v) if queue_setup_allowed => {
                 if let Some(q) = self.selected_queue().filter(|q| !q.ready()) {
@@ -363,7 +365,9 @@ mod tests {
         }
     }
 
-    fn setup() -> (VirtioMmio<Echo>, Arc<GuestMemory>, Counter, Arc<Mutex<Vec<u16>>>) {
+    type Setup = (VirtioMmio<Echo>, Arc<GuestMemory>, Counter, Arc<Mutex<Vec<u16>>>);
+
+    fn setup() -> Setup {
         let mem = Arc::new(super::super::super::memory::create(64).unwrap());
         let irq = Counter::default();
         let popped = Arc::new(Mutex::new(Vec::new()));
