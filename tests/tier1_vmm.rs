@@ -142,7 +142,10 @@ fn tier1_test_guest_is_stopped_by_the_deadline_and_by_stop() {
     let took = t.elapsed();
     assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "deadline honoured in {took:?}");
 
-    let s = spec(kernel, empty, "", vec![], Duration::from_secs(60));
+    // Two vCPUs: the second waits inside KVM_RUN for an INIT/SIPI that
+    // never comes, and must be kicked out all the same.
+    let mut s = spec(kernel, empty, "", vec![], Duration::from_secs(60));
+    s.cpus = 2;
     let stop = s.stop.clone();
     let setter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));

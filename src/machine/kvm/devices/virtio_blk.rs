@@ -341,6 +341,40 @@ mod tests {
     }
 
     #[test]
+    fn indirect_descriptor_tables_are_followed() {
+        // Offered through VIRTIO_RING_F_INDIRECT_DESC, and what Linux uses
+        // for requests of several segments.
+        use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+        let m = mem();
+        let mut d = disk(8, true, "ind");
+        header(&m, VIRTIO_BLK_T_IN, 5);
+        m.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        const TABLE: u64 = 0x40_0000;
+        let next = VRING_DESC_F_NEXT as u16;
+        let table = [
+            SplitDescriptor::new(HDR, 16, next, 1),
+            SplitDescriptor::new(DATA, 512, W | next, 2),
+            SplitDescriptor::new(DATA + 0x1000, 512, W | next, 3),
+            SplitDescriptor::new(STATUS, 1, W, 0),
+        ];
+        for (i, desc) in table.iter().enumerate() {
+            m.write_obj(RawDescriptor::from(*desc), GuestAddress(TABLE + i as u64 * 16)).unwrap();
+        }
+        let vq = MockSplitQueue::new(&m, 16);
+        let head = SplitDescriptor::new(TABLE, 4 * 16, VRING_DESC_F_INDIRECT as u16, 0);
+        vq.desc_table().store(0, RawDescriptor::from(head)).unwrap();
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert!(d.block.process_queue(0, &mut q, &m));
+        assert_eq!(m.read_obj::<u32>(vq.used_addr().unchecked_add(8)).unwrap(), 1025);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+        let mut got = vec![0u8; 512];
+        m.read_slice(&mut got, GuestAddress(DATA + 0x1000)).unwrap();
+        assert_eq!(got, expected_sector(6));
+    }
+
+    #[test]
     fn config_space_and_features() {
         let d = disk(8, true, "x");
         let mut cfg = [0u8; 24];
