@@ -305,6 +305,10 @@ impl GuestError for LayerError {
     fn kind(&self) -> FailureKind {
         match self {
             LayerError::Mkdir { .. } | LayerError::Lookup { .. } | LayerError::Finish { .. } => FailureKind::Internal,
+            // A name longer than the kernel takes is the layer's fault.
+            LayerError::Node { source: NodeError::Fs(_, e), .. } if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                FailureKind::BadInput
+            }
             LayerError::Node { source: NodeError::Fs(..), .. } => FailureKind::Internal,
             _ => FailureKind::BadInput,
         }
