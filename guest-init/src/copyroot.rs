@@ -207,13 +207,10 @@ fn apply_entry(index: usize, root: BorrowedFd<'_>, d: &Described, data: &mut dyn
             let target_fd = open_in_root(root, &tcomps.join(&b'/'), OFlag::O_PATH | OFlag::O_NOFOLLOW)
                 .map_err(|e| bad(format!("hardlink target {:?} does not exist: {e}", lossy(target))))?;
             // AT_EMPTY_PATH links the inode the O_PATH fd holds: the target
-            // as resolved in the root, not a path resolved again.
+            // as resolved in the root, not a path resolved again. The link
+            // shows its target's metadata, as in a layer.
             linkat(target_fd.as_fd(), c"", parent, name.as_c_str(), AtFlags::AT_EMPTY_PATH)
                 .map_err(|e| node_err(NodeError::Fs("creating the hard link", e.into())))?;
-            let is_symlink = fstatat(parent, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFLNK);
-            nodes::apply_meta(parent, &name, is_symlink, &d.meta).map_err(node_err)?;
-            nodes::set_mtime(parent, &name, d.meta.mtime).map_err(node_err)?;
         }
     }
     Ok(())
@@ -276,7 +273,8 @@ mod tests {
             let mut h = header(tar::EntryType::Regular, 0o600, 0);
             h.set_size(1);
             b.append_data(&mut h, "deep/new/f", &b"f"[..]).unwrap();
-            let mut h = header(tar::EntryType::Link, 0o4755, 1000);
+            // The link header's own owner and mode are not applied.
+            let mut h = header(tar::EntryType::Link, 0o600, 7);
             b.append_link(&mut h, "usr/bin/tool2", "bin/tool").unwrap();
         });
         assert_eq!(apply(0, &root, &bytes[..]).unwrap(), 6);

@@ -588,18 +588,17 @@ impl<'a> Unpacker<'a> {
         };
         let tname = cstr(tlast).map_err(fs_err(layer, &d.path, "naming the target"))?;
         let (parent, name) = self.parent_of(comps).map_err(fs_err(layer, &d.path, "opening the parent directory"))?;
+        // The link shares its target's inode, metadata included: the link
+        // entry's own header fields are not applied (umoci and the host
+        // export engine keep the target's owner and mode too).
         nodes::hardlink(tdir_fd.as_fd(), &tname, parent, &name).map_err(&err)?;
-        // As GNU tar, Docker and umoci do: the link's header applies to
-        // the (shared) inode.
-        nodes::apply_meta(parent, &name, held == Held::Symlink, &d.meta).map_err(&err)?;
-        nodes::set_mtime(parent, &name, d.meta.mtime).map_err(&err)?;
         Ok(held)
     }
 
     /// A hard link to a file of a lower layer cannot be a link across
     /// lowerdirs: it becomes a copy of the file the layers below show at
-    /// the target path, with the link entry's own metadata (which is what
-    /// a link would have got: the header applies to the shared inode).
+    /// the target path, content and metadata (owner, mode, mtime, xattrs),
+    /// which is what a link to it would show (FORMATS.md, "Hardlinks").
     fn materialise(&mut self, d: &Described, comps: &[&[u8]], tcomps: &[&[u8]], raw_target: &[u8]) -> Result<(), LayerError> {
         let layer = self.layer;
         let herr = |reason: String| LayerError::Hardlink { layer, entry: lossy(&d.path), target: lossy(raw_target), reason };
@@ -616,10 +615,12 @@ impl<'a> Unpacker<'a> {
         let rel = cstr(&tpath).map_err(lookup_err)?;
         let src = openat(self.lowers.root(from), rel.as_c_str(), OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
             .map_err(|e| lookup_err(e.into()))?;
+        let (tlast, tdir) = tcomps.split_last().expect("a link target is never the root");
+        let meta = lower_meta(self.lowers, from, &tdir.join(&b'/'), tlast).map_err(lookup_err)?;
         let mut src = File::from(src);
         let mut buf = std::mem::take(&mut self.buf);
         let (parent, name) = self.parent_of(comps).map_err(fs_err(layer, &d.path, "opening the parent directory"))?;
-        let r = nodes::create_file(parent, &name, &mut src, st.st_size as u64, &d.meta, &mut buf);
+        let r = nodes::create_file(parent, &name, &mut src, st.st_size as u64, &meta, &mut buf);
         self.buf = buf;
         r.map_err(|e| match e {
             // The copy's source is our own scratch: not the input's fault.
@@ -905,6 +906,7 @@ mod tests {
             .node("dev/null", tar::EntryType::Char, 1, 3)
             .node("p", tar::EntryType::Fifo, 0, 0)
             .hardlink("etc/passwd-hl", "etc/passwd")
+            .file("etc/shadow", "s", 0o640, 42)
             .file("/home/u/f", "u", 0o600, 1000)
             .finish()
     }
@@ -923,6 +925,7 @@ mod tests {
             .file("opq/shown", "s", 0o644, 0)
             .file("tmp/x", "x", 0o644, 0)
             .hardlink("hl", "etc/passwd")
+            .hardlink("shadow-copy", "etc/shadow")
             .file("keep", "k", 0o644, 0)
             .file(".wh.keep", "", 0o644, 0)
             .file(".wh.keep2", "", 0o644, 0)
@@ -949,6 +952,7 @@ mod tests {
                 "etc/old file 644 0:0 \"old\"",
                 "etc/passwd file 644 0:0 \"root\"",
                 "etc/passwd-hl file 644 0:0 \"root\"",
+                "etc/shadow file 640 42:42 \"s\"",
                 "home dir 755 0:0 mtime=0",
                 "home/u dir 755 0:0 mtime=0",
                 "home/u/f file 600 1000:1000 \"u\"",
@@ -977,6 +981,7 @@ mod tests {
                 "keep2 file 644 0:0 \"k2\"",
                 "opq dir 700 0:0 mtime=301 [trusted.overlay.opaque=y]",
                 "opq/shown file 644 0:0 \"s\"",
+                "shadow-copy file 640 42:42 \"s\"",
                 "tmp dir 1777 0:0 mtime=200",
                 "tmp/x file 644 0:0 \"x\"",
                 "twice file 644 0:0 \"2\"",
