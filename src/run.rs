@@ -361,7 +361,7 @@ fn run_guest(
     }
 
     let mut f = File::open(&output_disk).map_err(|source| RunError::ReadOutput { path: output_disk.clone(), source })?;
-    let mut block = vec![0u8; contract::BLOCK as usize];
+    let mut block = vec![0u8; contract::RESULT_AREA as usize];
     f.read_exact(&mut block).map_err(|source| RunError::ReadOutput { path: output_disk.clone(), source })?;
     let outcome = match contract::Outcome::decode(&block) {
         Ok(o) => o,
