@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::fcntl::{openat, OFlag};
@@ -30,7 +30,7 @@ use nix::sys::stat::{Mode, SFlag};
 use runasroot_guest::contract::{Compression, FailureKind, LayerSpec};
 use runasroot_guest::whiteout::{self, Name};
 
-use crate::disks::{HashingReader, RangeReader};
+use crate::disks::{ChunkReader, HashingReader};
 use crate::fail::GuestError;
 use crate::lower::{Lowers, Visible};
 use crate::nodes::{self, cstr, Described, Meta, NodeError, NodeKind, Time};
@@ -716,7 +716,8 @@ fn lower_meta(lowers: &Lowers, layer: usize, parent_rel: &[u8], name: &[u8]) -> 
 
 /// The uncompressed stream of a layer, from its byte range on the disk.
 pub fn open_stream<'a>(disk: &'a File, spec: &LayerSpec) -> io::Result<Box<dyn Read + 'a>> {
-    let raw = BufReader::with_capacity(READ_BUF, RangeReader::new(disk, spec.range.offset, spec.range.length));
+    // ChunkReader is the buffer: no BufReader copy in between.
+    let raw = ChunkReader::new(disk, spec.range.offset, spec.range.length, READ_BUF);
     Ok(match spec.compression {
         Compression::None => Box::new(raw),
         // Multi-member: pigz and concatenated gzip streams are valid layers.

@@ -133,7 +133,10 @@ fn steps(run: &mut Run) -> Result<Done, Failure> {
     mounts::mount_scratch(job.scratch_mib)?;
 
     run.console.phase(Phase::Unpack);
-    let layers_disk = disks.layers.as_deref().map(disks::open_read).transpose()?;
+    let layers_disk = disks.layers.as_deref().map(disks::open_direct).transpose()?.map(|(f, direct)| {
+        run.console.log(&format!("layers disk: O_DIRECT {direct}"));
+        f
+    });
     let mut lowers = Lowers::new();
     for (i, spec) in job.layers.iter().enumerate() {
         let started = Instant::now();
