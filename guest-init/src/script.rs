@@ -345,6 +345,9 @@ fn setup_and_exec(merged: &Path, script: &[u8], env: &[CString], out: &OwnedFd) 
         return internal("chdir /", e);
     }
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    if let Err(e) = default_signals() {
+        return internal("resetting signal dispositions", e);
+    }
     if let Err(e) = stdio(out) {
         return internal("setting up stdin/stdout/stderr", e);
     }
@@ -399,6 +402,20 @@ fn check_interpreter(path: &[u8]) -> Result<(), Failure> {
         Ok(_) => Ok(()),
         Err(e) => Err(missing(&e.to_string())),
     }
+}
+
+/// Gives the script the signal state a fresh process has: Rust's runtime
+/// ignores SIGPIPE in guest-init, and an ignored signal stays ignored
+/// across exec (`yes | head -n1` would print "Broken pipe" errors instead
+/// of ending quietly, as it does under Docker).
+fn default_signals() -> nix::Result<()> {
+    use nix::sys::signal::{sigprocmask, SigHandler, SigSet, SigmaskHow};
+    for sig in [Signal::SIGPIPE, Signal::SIGCHLD, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: SIG_DFL installs no handler code; this process is
+        // single-threaded and about to exec.
+        unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) }?;
+    }
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
 }
 
 /// One mount of the sandbox.
