@@ -745,7 +745,14 @@ pub fn unpack_layer(i: usize, spec: &LayerSpec, disk: Option<&File>, root: &std:
         source,
     };
     let mkdir_err = |source| LayerError::Mkdir { layer: i, dir: root.display().to_string(), source };
-    std::fs::create_dir(root).or_else(|e| if e.kind() == io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) }).map_err(mkdir_err)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(root)
+            .or_else(|e| if e.kind() == io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) })
+            .map_err(mkdir_err)?;
+    }
     let root_fd = openat(
         nix::fcntl::AT_FDCWD,
         root,
