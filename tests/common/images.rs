@@ -1232,3 +1232,102 @@ mod fixture_tests {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Shared export test images
+// ---------------------------------------------------------------------------
+
+/// Exercises every merge rule of an export at once: whiteouts, an opaque
+/// dir, a file replaced by a dir and the reverse, hardlinks within and
+/// across layers, devices, setuid, xattrs, long and non-ASCII names, and
+/// plain/gzip/zstd layers. Shared by the export engine tests.
+pub fn rich_export_image() -> Image {
+    let long = "n".repeat(150);
+    let base = layer(vec![
+        dir("bin"),
+        file("bin/busybox", "#!busybox").mode(0o755),
+        hardlink("bin/sh", "bin/busybox"),
+        hardlink("bin/ls", "bin/busybox"),
+        file("bin/su", "su").mode(0o4755),
+        file("bin/ping", "ping").mode(0o755).xattr("security.capability", [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        dir("dev"),
+        char_dev("dev/null", 1, 3),
+        block_dev("dev/sda", 8, 0),
+        fifo("dev/initctl").mode(0o600),
+        dir("etc"),
+        file("etc/passwd", "root:x:0:0::/root:/bin/sh\n"),
+        file("etc/gone", "bye"),
+        symlink("etc/mtab", "/proc/self/mounts"),
+        dir("home").mode(0o755),
+        dir("home/user").owner(1000, 1000).mode(0o700).xattr("user.note", "home"),
+        file("home/user/.profile", "export A=1\n").owner(1000, 1000).mtime(1_500_000_000),
+        dir("tmp").mode(0o1777),
+        file("was-file", "plain"),
+        dir("was-dir"),
+        file("was-dir/inner", "inner"),
+        dir("was-dir/sub"),
+        file("was-dir/sub/deep", "deep"),
+        dir("var"),
+        dir("var/cache"),
+        file("var/cache/old", "old"),
+        dir("var/cache/apt"),
+        file("var/cache/apt/pkg", "pkg"),
+        file(format!("var/{long}"), "long"),
+        symlink("var/longlink", format!("/{long}/{long}")),
+        file("var/caf\u{e9}", "accent"),
+        dir("usr").mode(0o755),
+        dir("usr/lib"),
+        file("usr/lib/libc.so", "libc"),
+    ]);
+    let middle = layer(vec![
+        whiteout("etc/gone"),
+        opaque("var/cache"),
+        file("var/cache/new", "new"),
+        dir("was-file").mode(0o750),
+        file("was-file/now-inside", "inside"),
+        file("was-dir", "now a file"),
+        dir("usr/bin"),
+        hardlink("usr/bin/sh2", "bin/busybox"),
+        file("usr/bin/tool", "tool").mode(0o2755).owner(0, 50),
+        hardlink("usr/bin/tool-alias", "usr/bin/tool"),
+        file("bin/su", "new su").mode(0o4711),
+        file("etc/passwd", "root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n").mtime(1_600_000_000),
+        dir("opt").owner(12, 34).mode(0o711).xattr("user.a", "1").xattr("user.b", ""),
+    ])
+    .gzip();
+    let top = layer(vec![
+        whiteout("bin/ls"),
+        whiteout("usr/lib"),
+        file("etc/gone", "back again"),
+        dir("dev"),
+        char_dev("dev/zero", 1, 5),
+        dir("tmp").mode(0o1777).mtime(1_700_000_000),
+        file("tmp/scratch", "s"),
+    ])
+    .zstd();
+    image(vec![base, middle, top])
+}
+
+/// `n` layers, each adding a directory and files, replacing a shared file,
+/// and whiting out the previous layer's scratch file; compressions rotate.
+pub fn deep_export_image(n: usize) -> Image {
+    let mut layers = vec![];
+    for i in 0..n {
+        let mut entries = vec![
+            dir("shared"),
+            file("shared/version", format!("layer {i}")).mtime(1_000_000 + i as u64),
+            dir(format!("l{i:03}")),
+            file(format!("l{i:03}/data"), format!("data {i}").repeat(i + 1)),
+            file(format!("shared/scratch-{i}"), "tmp"),
+        ];
+        if i > 0 {
+            entries.push(whiteout(format!("shared/scratch-{}", i - 1)));
+        }
+        if i % 7 == 3 {
+            entries.push(opaque(format!("l{:03}", i - 1)));
+        }
+        let c = [Compression::None, Compression::Gzip, Compression::Zstd][i % 3];
+        layers.push(layer(entries).compressed(c));
+    }
+    image(layers)
+}
