@@ -433,6 +433,7 @@ impl<'a> Unpacker<'a> {
                 Step::UpdateDir => {
                     let (parent, name) = self.parent_of(&comps).map_err(&open_err)?;
                     nodes::apply_meta(parent, &name, false, &d.meta).map_err(node_err(layer, &d.path))?;
+                    nodes::replace_xattrs(parent, &name, &d.meta.xattrs).map_err(node_err(layer, &d.path))?;
                     self.index.insert(&path, Held::Dir, d.meta.mtime);
                 }
                 Step::MakeWhiteout => {
@@ -948,6 +949,10 @@ mod tests {
             .dir("twice-dir/", 0o755, 0, 700)
             .file("twice-dir/a", "a", 0o644, 0)
             .file("twice-dir", "now a file", 0o644, 0)
+            .xattrs(&[("user.a", b"1"), ("user.b", b"")])
+            .dir("x2/", 0o711, 0, 800)
+            .xattrs(&[("user.a", b"1")])
+            .dir("x2/", 0o711, 0, 800)
             .finish();
         let dirs = unpack_stack(&tmp, &[base_layer(), top], None).unwrap();
         assert_eq!(
@@ -994,6 +999,7 @@ mod tests {
                 "tmp/x file 644 0:0 \"x\"",
                 "twice file 644 0:0 \"2\"",
                 "twice-dir file 644 0:0 \"now a file\"",
+                "x2 dir 711 0:0 mtime=800 [user.a=1]",
             ]
         );
     }

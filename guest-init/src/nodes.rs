@@ -291,6 +291,25 @@ pub fn apply_meta(parent: BorrowedFd<'_>, name: &CStr, is_symlink: bool, meta: &
     set_xattrs(parent, name, &meta.xattrs, is_symlink)
 }
 
+/// Makes a node's xattrs exactly `xattrs` (overlayfs' own aside): a
+/// directory listed again in the same layer takes the later entry's
+/// metadata whole, as umoci and the host export engine apply it.
+pub fn replace_xattrs(parent: BorrowedFd<'_>, name: &CStr, xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), NodeError> {
+    let path = sys::fd_path(parent, name.to_bytes()).map_err(|e| NodeError::Fs("naming the node", e))?;
+    for old in sys::llistxattr(&path).map_err(|e| NodeError::Fs("listing xattrs", e))? {
+        if whiteout::is_overlay_private(&old) || xattrs.iter().any(|(k, _)| *k == old) {
+            continue;
+        }
+        let k = cstr(&old).map_err(|e| NodeError::Fs("naming the xattr", e))?;
+        match sys::lremovexattr(&path, &k) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(source) => return Err(NodeError::Xattr { name: String::from_utf8_lossy(&old).into_owned(), source }),
+        }
+    }
+    set_xattrs(parent, name, xattrs, false)
+}
+
 /// Sets xattrs; ones the filesystem cannot store (EOPNOTSUPP: e.g. POSIX
 /// ACLs on a tmpfs without them; EPERM: `user.*` on a symlink or device,
 /// which the kernel never allows) are skipped rather than failing the run.
