@@ -65,6 +65,9 @@ pub struct Block {
     capacity: u64,
     serial: [u8; SERIAL_LEN],
     queue_sizes: [u16; 1],
+    /// The bounce buffer, kept across requests: allocating and zeroing a
+    /// fresh one per request costs more than the copy it serves.
+    bounce: Vec<u8>,
 }
 
 /// The status of one request and how many bytes went to the guest.
@@ -85,7 +88,14 @@ impl Block {
         let size = file.metadata().map_err(open_err)?.len();
         let mut serial = [0u8; SERIAL_LEN];
         serial[..spec.serial.len()].copy_from_slice(spec.serial.as_bytes());
-        Ok(Block { file, read_only: spec.read_only, capacity: size / SECTOR_SIZE, serial, queue_sizes: [QUEUE_SIZE] })
+        Ok(Block {
+            file,
+            read_only: spec.read_only,
+            capacity: size / SECTOR_SIZE,
+            serial,
+            queue_sizes: [QUEUE_SIZE],
+            bounce: Vec::new(),
+        })
     }
 
     /// Disk size in sectors.
@@ -117,7 +127,7 @@ impl Block {
             VIRTIO_BLK_T_IN => {
                 let len = data.available_bytes();
                 let Some(mut offset) = self.range(sector, len) else { return fail(VIRTIO_BLK_S_IOERR, 0) };
-                let mut buf = vec![0u8; len.min(CHUNK)];
+                let buf = bounce(&mut self.bounce, len);
                 while data.available_bytes() > 0 {
                     let n = data.available_bytes().min(CHUNK);
                     let chunk = &mut buf[..n];
@@ -138,7 +148,7 @@ impl Block {
                 }
                 let len = reader.available_bytes();
                 let Some(mut offset) = self.range(sector, len) else { return fail(VIRTIO_BLK_S_IOERR, 0) };
-                let mut buf = vec![0u8; len.min(CHUNK)];
+                let buf = bounce(&mut self.bounce, len);
                 while reader.available_bytes() > 0 {
                     let n = reader.available_bytes().min(CHUNK);
                     let chunk = &mut buf[..n];
@@ -197,6 +207,15 @@ impl Block {
         }
         (done.written + 1) as u32
     }
+}
+
+/// The bounce buffer grown to hold `len` bytes (at most [`CHUNK`]).
+fn bounce(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    let want = len.min(CHUNK);
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+    &mut buf[..want]
 }
 
 impl VirtioDevice for Block {
