@@ -166,24 +166,39 @@ pub fn describe<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Describ
     let mode = header.mode().map_err(field("mode"))? & MODE_BITS;
     let uid = id("uid", header.uid().map_err(field("uid"))?)?;
     let gid = id("gid", header.gid().map_err(field("gid"))?)?;
-    let mut mtime = Time { sec: header.mtime().map_err(field("mtime"))? as i64, nsec: 0 };
-    let mut xattrs = Vec::new();
+    let header_mtime = Time { sec: header.mtime().map_err(field("mtime"))? as i64, nsec: 0 };
+    let mut mtime = header_mtime;
+    // Later records win; a record with an empty value deletes the keyword
+    // (POSIX pax: "If the <value> field is zero length, it shall delete
+    // any ... value of the same name"), as Go's archive/tar (umoci, Docker)
+    // and the host export engine read it.
+    let mut xattrs: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = std::collections::BTreeMap::new();
     if let Some(exts) = entry.pax_extensions().map_err(field("pax"))? {
         for ext in exts {
             let ext = ext.map_err(field("pax"))?;
-            let key = ext.key_bytes();
+            let (key, value) = (ext.key_bytes(), ext.value_bytes());
             if key == b"mtime" {
-                mtime = parse_pax_time(ext.value_bytes())
-                    .ok_or_else(|| DescribeError::Field { field: "pax mtime", reason: String::from_utf8_lossy(ext.value_bytes()).into_owned() })?;
+                mtime = if value.is_empty() {
+                    header_mtime
+                } else {
+                    parse_pax_time(value).ok_or_else(|| DescribeError::Field {
+                        field: "pax mtime",
+                        reason: String::from_utf8_lossy(value).into_owned(),
+                    })?
+                };
             } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                if !name.is_empty() && !whiteout::is_overlay_private(name) {
-                    xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
+                if name.is_empty() || whiteout::is_overlay_private(name) {
+                    continue;
+                }
+                if value.is_empty() {
+                    xattrs.remove(name);
+                } else {
+                    xattrs.insert(name.to_vec(), value.to_vec());
                 }
             }
         }
     }
-    xattrs.sort();
-    xattrs.dedup_by(|a, b| a.0 == b.0);
+    let xattrs: Vec<(Vec<u8>, Vec<u8>)> = xattrs.into_iter().collect();
     Ok(Some(Described { path, kind, meta: Meta { mode, uid, gid, mtime, xattrs } }))
 }
 
@@ -446,6 +461,9 @@ mod tests {
                 ("SCHILY.xattr.security.capability", &b"\x01\x00"[..]),
                 ("SCHILY.xattr.trusted.overlay.redirect", &b"/x"[..]),
                 ("SCHILY.xattr.user.a", &b"1"[..]),
+                ("SCHILY.xattr.user.empty", &b""[..]),
+                ("SCHILY.xattr.user.gone", &b"x"[..]),
+                ("SCHILY.xattr.user.gone", &b""[..]),
                 ("mtime", &b"5.5"[..]),
             ])
             .unwrap();
