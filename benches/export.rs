@@ -15,6 +15,7 @@
 //! zstd, which it cannot read).
 
 #[path = "../tests/common/images.rs"]
+#[allow(unused_imports)]
 mod images;
 
 use std::fs;
@@ -140,9 +141,10 @@ fn main() {
             report("tar -c of the rootfs", &tar, None, tar_rss);
             report("umoci + tar", &both, None, umoci_rss.max(tar_rss));
             let ratio = median(&both).as_secs_f64() / median(&host).as_secs_f64();
+            let best = both.iter().min().unwrap().as_secs_f64() / host.iter().min().unwrap().as_secs_f64();
             println!(
-                "  => host engine is {ratio:.1}x faster than umoci + tar (median; target >= 3x: {})",
-                if ratio >= 3.0 { "met" } else { "NOT met" }
+                "  => host engine is {ratio:.1}x faster than umoci + tar (median; {best:.1}x best vs best; target >= 3x: {})",
+                if ratio.min(best) >= 3.0 { "met" } else { "NOT met" }
             );
             println!(
                 "  output sizes: host {:.0} MB, umoci+tar {:.0} MB",
@@ -161,9 +163,10 @@ fn main() {
         }
     }
     println!(
-        "host engine peak RSS: {:.1} MB (target < 64 MB: {})",
+        "host engine peak RSS: {:.1} MB (target < 64 MB: {}); this bench process itself peaked at {:.1} MB",
         host_rss as f64 / 1024.0,
-        if host_rss < 64 * 1024 { "met" } else { "NOT met" }
+        if host_rss < 64 * 1024 { "met" } else { "NOT met" },
+        own_peak_rss_kb() as f64 / 1024.0
     );
     let _ = fs::remove_dir_all(&work);
 }
@@ -187,12 +190,36 @@ fn child_export(args: &str) {
     eprintln!("image::open {:.3} s, export {:.3} s", opened.as_secs_f64(), (start.elapsed() - opened).as_secs_f64());
 }
 
-/// Whether two outputs exist and hold the same bytes.
+/// Whether two outputs exist and hold the same bytes. Streamed: this
+/// process must stay small, because a child's peak RSS (wait4's
+/// ru_maxrss) starts from its parent's high-water mark at exec.
 fn same_bytes(a: &Path, b: &Path) -> bool {
-    match (fs::read(a), fs::read(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
+    use std::io::Read;
+    let (Ok(fa), Ok(fb)) = (fs::File::open(a), fs::File::open(b)) else { return false };
+    if fa.metadata().map(|m| m.len()).ok() != fb.metadata().map(|m| m.len()).ok() {
+        return false;
     }
+    let (mut ra, mut rb) = (std::io::BufReader::new(fa), std::io::BufReader::new(fb));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = match ra.read(&mut ba) {
+            Ok(0) => return rb.read(&mut bb[..1]).ok() == Some(0),
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if rb.read_exact(&mut bb[..n]).is_err() || ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
+/// This process's own peak RSS in KiB (VmHWM): a floor under every
+/// child's figure.
+fn own_peak_rss_kb() -> i64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
 }
 
 struct Measured {
