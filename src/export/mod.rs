@@ -3,9 +3,11 @@
 //!
 //! Two passes:
 //! 1. [`read`]: every layer's tar headers are read (layers in parallel),
-//!    its uncompressed bytes hashed and checked against the config's
-//!    diff_id; an uncompressed layer stays where the image stores it, a
-//!    compressed one is spooled decompressed to an unnamed temporary file.
+//!    its uncompressed bytes checked against the config's diff_id; an
+//!    uncompressed layer stays where the image stores it (and is not
+//!    hashed again when `image::open` already measured its bytes as the
+//!    diff_id: only its headers are read), a compressed one is hashed and
+//!    spooled decompressed to an unnamed temporary file.
 //!    Each layer becomes a [`tree::LayerTree`] (paths, metadata and data
 //!    offsets, never data), merged bottom first into one
 //!    [`tree::Merged`] by the overlayfs rules that module states.
@@ -136,6 +138,11 @@ pub enum ExportError {
 
 /// Flattens `layers` (bottom first) into one tar on `out`. `out` should be
 /// buffered: entries are written in header-sized and 8 KiB pieces.
+///
+/// An uncompressed layer whose `blob_digest` equals its `diff_id` is
+/// trusted to hash to it (`image::open` computes `blob_digest` over the
+/// stored bytes, which for such a layer are the tar); any other layer is
+/// hashed here and a mismatch is [`ExportError::DiffIdMismatch`].
 pub fn export(layers: &[Layer], opts: &ExportOptions, out: &mut dyn Write) -> Result<ExportStats, ExportError> {
     let indexed = index_layers(layers, &opts.temp_dir)?;
     let written = write::write_tar(&indexed.merged, &indexed.sources, opts.clamp_mtime, out)?;
