@@ -2,16 +2,16 @@
 //! with no VM, no root and no extraction to a directory.
 //!
 //! Two passes:
-//! 1. [`read`]: every layer's tar headers are read (layers in parallel),
+//! 1. `read.rs`: every layer's tar headers are read (layers in parallel),
 //!    its uncompressed bytes checked against the config's diff_id; an
 //!    uncompressed layer stays where the image stores it (and is not
 //!    hashed again when `image::open` already measured its bytes as the
 //!    diff_id: only its headers are read), a compressed one is hashed and
 //!    spooled decompressed to an unnamed temporary file.
-//!    Each layer becomes a [`tree::LayerTree`] (paths, metadata and data
+//!    Each layer becomes a `LayerTree` (paths, metadata and data
 //!    offsets, never data), merged bottom first into one
-//!    [`tree::Merged`] by the overlayfs rules that module states.
-//! 2. [`write`]: the merged tree is walked depth first and written with
+//!    `Merged` by the overlayfs rules `tree.rs` states.
+//! 2. `write.rs`: the merged tree is walked depth first and written with
 //!    the shared deterministic [`tarfmt`](runasroot_guest::tarfmt) writer,
 //!    file data read by offset.
 //!
