@@ -228,17 +228,31 @@ pub fn run(merged: &Path, script: &[u8], env: &[String], console: &Console) -> R
     if let Some(f) = decode_child_failure(&report) {
         return Ok(Ended::Failed(f));
     }
+    let code = exit_code(status).unwrap_or(128);
     let oom = oom_kills() > oom_before;
-    if oom && matches!(status, WaitStatus::Signaled(_, Signal::SIGKILL, _)) {
-        return Ok(Ended::Failed(Failure::new(
-            FailureKind::OutOfMemory,
-            "the script was killed by the guest's OOM killer: raise --memory",
-        )));
+    if let Some(f) = oom_failure(oom, status, code) {
+        return Ok(Ended::Failed(f));
     }
     if oom {
         console.error("the guest's OOM killer killed a process the script started (raise --memory if that matters)");
     }
-    Ok(Ended::Code(exit_code(status).unwrap_or(128)))
+    Ok(Ended::Code(code))
+}
+
+/// A failed script is an out-of-memory failure when the OOM killer fired
+/// while it ran: whether it killed the script itself (SIGKILL) or a
+/// command the script then reported failing (a shell exits 137 for a
+/// killed child; apt exits 100 for a killed dpkg), the limit to raise is
+/// the memory. A script that succeeded anyway is left alone.
+pub fn oom_failure(oom_killed: bool, status: WaitStatus, code: i32) -> Option<Failure> {
+    if !oom_killed || code == 0 {
+        return None;
+    }
+    let how = match status {
+        WaitStatus::Signaled(_, Signal::SIGKILL, _) => "the script was killed by it".to_string(),
+        _ => format!("the script then exited with {code}"),
+    };
+    Some(Failure::new(FailureKind::OutOfMemory, format!("the guest ran out of memory (the OOM killer fired; {how}): raise --memory")))
 }
 
 fn io_to_nix(e: io::Error) -> nix::Error {
@@ -575,6 +589,24 @@ mod tests {
         }
         assert_eq!(decode_child_failure(b""), None);
         assert_eq!(decode_child_failure(b"garbage"), Some(Failure::new(FailureKind::Internal, "garbage")));
+    }
+
+    #[test]
+    fn an_oom_kill_explains_a_failed_script_only() {
+        let p = Pid::from_raw(1);
+        let killed = WaitStatus::Signaled(p, Signal::SIGKILL, false);
+        let table: Vec<(bool, WaitStatus, i32, Option<&str>)> = vec![
+            (true, killed, 137, Some("the guest ran out of memory (the OOM killer fired; the script was killed by it): raise --memory")),
+            (true, WaitStatus::Exited(p, 137), 137, Some("the guest ran out of memory (the OOM killer fired; the script then exited with 137): raise --memory")),
+            (true, WaitStatus::Exited(p, 0), 0, None),
+            (false, killed, 137, None),
+            (false, WaitStatus::Exited(p, 1), 1, None),
+        ];
+        for (oom, status, code, want) in table {
+            let got = oom_failure(oom, status, code);
+            assert_eq!(got.as_ref().map(|f| f.reason.as_str()), want, "{oom} {status:?}");
+            assert!(got.iter().all(|f| f.kind == FailureKind::OutOfMemory));
+        }
     }
 
     #[test]
