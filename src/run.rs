@@ -135,6 +135,14 @@ impl Ui {
         }
     }
 
+    /// Progress through a long host phase (hashing, decompressing).
+    pub fn bytes(&self, what: &str, done: u64, total: u64) {
+        if let Some(pb) = &self.progress {
+            let mib = |n: u64| n as f64 / (1 << 20) as f64;
+            pb.set_message(format!("{what}: {:.0}/{:.0} MiB", mib(done), mib(total)));
+        }
+    }
+
     /// A one-line notice (e.g. why QEMU is used); hidden by -q.
     pub fn notice(&self, line: &str) {
         if !self.quiet {
@@ -245,14 +253,12 @@ fn source_date_epoch() -> Option<String> {
 fn open_image(input: &cli::InputArgs, temp: &Path, ui: &Ui) -> Result<Image, RunError> {
     let base = input.base.as_deref().ok_or(RunError::MissingBase)?;
     ui.phase("reading and verifying the base image");
-    Ok(image::open(
-        base,
-        &image::OpenOptions {
-            from_image: input.from_image.clone(),
-            platform: Some(input.platform.clone()),
-            temp_dir: temp.to_path_buf(),
-        },
-    )?)
+    let opts = image::OpenOptions {
+        from_image: input.from_image.clone(),
+        platform: Some(input.platform.clone()),
+        temp_dir: temp.to_path_buf(),
+    };
+    Ok(image::open_with_progress(base, &opts, &|what, done, total| ui.bytes(what, done, total))?)
 }
 
 /// What a guest run needs beyond the image.
