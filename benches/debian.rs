@@ -211,15 +211,30 @@ fn main() {
         println!("  peer: {NIXSTYLE} needs root (apt-get download, depmod): skipped");
     } else {
         let peer_out = dir.path().join("nixstyle-layer.tar");
+        // nixpkgs runs the script with the build's PATH, not the image's:
+        // its users add this line by hand (runasroot gives Docker's default).
+        let peer_script = dir.path().join("redis-nixstyle.sh");
+        fs::write(&peer_script, format!("export PATH=/usr/sbin:/usr/bin:/sbin:/bin\n{}", helpers::REDIS_SCRIPT)).unwrap();
         let start = Instant::now();
-        let o = Command::new("bash").arg(NIXSTYLE).arg(&base).arg(&script).arg(&peer_out).stdin(Stdio::null()).output().expect("run nixstyle.sh");
+        // Same accelerator as runasroot got: nixstyle's default `kvm:tcg`
+        // picks a /dev/kvm that cannot run it (PVM here) and QEMU aborts.
+        let accel = if launcher.ends_with("tcg") { "tcg" } else { "kvm:tcg" };
+        let o = Command::new("bash")
+            .arg(NIXSTYLE)
+            .arg(&base)
+            .arg(&peer_script)
+            .arg(&peer_out)
+            .env("NIXSTYLE_ACCEL", accel)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run nixstyle.sh");
         let wall = start.elapsed().as_secs_f64();
         let stdout = String::from_utf8_lossy(&o.stdout);
         let done = stdout.lines().find(|l| l.starts_with("nixstyle total_wall="));
         match done {
             Some(line) if o.status.success() && peer_out.exists() && line.ends_with("exit=0") => {
                 let phases: Vec<&str> = stdout.lines().filter(|l| l.starts_with("PHASE")).collect();
-                println!("  peer: nixpkgs-style runAsRoot (nixstyle.sh)  {wall:8.3} s wall [{}]", phases.join(", "));
+                println!("  peer: nixpkgs-style runAsRoot (nixstyle.sh, accel {accel}) {wall:8.3} s wall [guest uptime at {}]", phases.join(", "));
                 println!("  ratio nixstyle / runasroot wall: {:.2}x", wall / r.wall);
             }
             _ => println!(

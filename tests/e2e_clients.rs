@@ -172,6 +172,7 @@ fn check_with_clients(b: &Base, path: &Path, want: &Want, diff_ids: &[String], s
         assert_eq!((data.uid(), data.gid()), (1000, 1000), "umoci: /data owner");
         assert_eq!(fs::read_to_string(rootfs.join("data/hello")).unwrap(), "hello\n");
         assert_eq!(fs::read_to_string(rootfs.join("etc/motd")).unwrap(), "base\n", "umoci: the gzip base layer");
+        eprintln!("checked: umoci raw unpack of {}", path.display());
     }
     if want.format == Out::DockerArchive {
         docker_check(path, diff_ids);
@@ -197,6 +198,7 @@ fn docker_check(path: &Path, diff_ids: &[String]) {
     let run = d.docker(&["run", "--rm", "--network", "none", &reference, "stat", "-c", "%u:%g", "/data"]);
     assert!(run.status.success(), "docker run: {}", String::from_utf8_lossy(&run.stderr));
     assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "1000:1000", "docker run … stat /data");
+    eprintln!("checked: docker load {} + docker run {reference} stat /data", path.display());
 }
 
 /// One run with a given cwd, umask, TZ and SOURCE_DATE_EPOCH.
