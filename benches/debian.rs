@@ -17,7 +17,8 @@
 //! built here.
 
 #[path = "../tests/common/images.rs"]
-#[allow(dead_code, unused_imports)]
+// Its own unit tests come along under `cargo bench`; they are not this bench's.
+#[allow(unused_imports, clippy::items_after_test_module)]
 mod images;
 #[path = "../tests/helpers/mod.rs"]
 mod helpers;

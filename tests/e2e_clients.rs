@@ -201,11 +201,30 @@ fn docker_check(path: &Path, diff_ids: &[String]) {
     eprintln!("checked: docker load {} + docker run {reference} stat /data", path.display());
 }
 
-/// One run with a given cwd, umask, TZ and SOURCE_DATE_EPOCH.
-fn run_in(args: &[&str], tmp: &Path, cwd: &Path, umask: &str, tz: &str, sde: Option<&str>) -> Run {
-    let cmd = runasroot_cmd(args, tmp);
-    let program = cmd.get_program().to_owned();
-    let cmd_args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+/// How a run differs from the other: working directory (a fresh one each),
+/// umask, TZ and, when the tests run as root, the unprivileged user.
+struct Variant {
+    umask: &'static str,
+    tz: &'static str,
+    uid: u32,
+}
+
+const VARIANTS: [Variant; 2] = [
+    Variant { umask: "0022", tz: "UTC", uid: NOBODY },
+    Variant { umask: "0077", tz: "Asia/Tokyo", uid: 12345 },
+];
+
+/// One run as `v` says, with SOURCE_DATE_EPOCH `sde`.
+fn run_in(args: &[&str], tmp: &Path, cwd: &Path, v: &Variant, sde: Option<&str>) -> Run {
+    let (program, cmd_args): (String, Vec<String>) = if is_root() {
+        let id = v.uid.to_string();
+        let mut a: Vec<String> = ["--reuid", &id, "--regid", &id, "--clear-groups", "--", bin()].iter().map(|s| s.to_string()).collect();
+        a.extend(args.iter().map(|s| s.to_string()));
+        ("setpriv".into(), a)
+    } else {
+        (bin().into(), args.iter().map(|s| s.to_string()).collect())
+    };
+    let umask = v.umask;
     // umask is a process attribute: set it through a shell around the command.
     let mut shell = Command::new("sh");
     shell
@@ -215,7 +234,7 @@ fn run_in(args: &[&str], tmp: &Path, cwd: &Path, umask: &str, tz: &str, sde: Opt
         .args(cmd_args)
         .current_dir(cwd)
         .env("TMPDIR", tmp)
-        .env("TZ", tz)
+        .env("TZ", v.tz)
         .env_remove("SOURCE_DATE_EPOCH")
         .stdin(Stdio::null());
     if let Some(s) = sde {
@@ -225,9 +244,6 @@ fn run_in(args: &[&str], tmp: &Path, cwd: &Path, umask: &str, tz: &str, sde: Opt
     assert_empty_dir(tmp);
     run
 }
-
-/// Two runs of the same command from other cwd/umask/TZ.
-const VARIANTS: [(&str, &str); 2] = [("0022", "UTC"), ("0077", "Asia/Tokyo")];
 
 fn paths(b: &Base, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
     let s = script(b.dir.path(), "s.sh", SCRIPT);
@@ -243,8 +259,10 @@ fn default_docker_archive_with_a_tag_loads_everywhere() {
         &["--base", b.built.path.to_str().unwrap(), "--script", s.to_str().unwrap(), "-o", out.to_str().unwrap(), "--layer-output", layer.to_str().unwrap(), "--tag", "e2e-clients:a"],
         &tmp,
     );
-    ok(run);
+    let run = ok(run);
     assert_empty_dir(&tmp);
+    // Not a terminal: no progress display, only plain lines.
+    assert!(!run.stderr.contains('\r') && !run.stderr.contains('\x1b'), "progress output on a pipe: {run:?}");
     let want = Want { format: Out::DockerArchive, codec: Compression::None, created: "1970-01-01T00:00:01Z", epoch: 1 };
     check_output(&b, &out, &want, Some(&fs::read(&layer).unwrap()));
     let img = OutImage::open(&out, &b.dir.path().join("tags"));
@@ -272,21 +290,20 @@ fn oci_archive_with_zstd_to_stdout_is_reproducible() {
     let Some(b) = base() else { return };
     let (s, _, _) = paths(&b, "c");
     let mut outputs = vec![];
-    for (i, (umask, tz)) in VARIANTS.iter().enumerate() {
+    for (i, v) in VARIANTS.iter().enumerate() {
         let tmp = subdir(b.dir.path(), &format!("tmp{i}"));
         let cwd = subdir(b.dir.path(), &format!("cwd{i}"));
         let run = run_in(
             &["--base", b.built.path.to_str().unwrap(), "--script", s.to_str().unwrap(), "-o", "-", "--format", "oci-archive", "--compress", "zstd", "-q"],
             &tmp,
             &cwd,
-            umask,
-            tz,
+            v,
             Some("1700000000"),
         );
         outputs.push(ok(run).stdout);
     }
     assert!(!outputs[0].is_empty(), "-o - writes the image to stdout");
-    assert!(outputs[0] == outputs[1], "-o - differs between runs (cwd, umask, TZ)");
+    assert!(outputs[0] == outputs[1], "-o - differs between runs (cwd, umask, TZ, user)");
     let path = b.dir.path().join("c-out.tar");
     fs::write(&path, &outputs[0]).unwrap();
     // SOURCE_DATE_EPOCH gives both the created time and the mtimes.
@@ -299,7 +316,7 @@ fn gzip_docker_archive_is_reproducible_and_loads() {
     let Some(b) = base() else { return };
     let (s, _, _) = paths(&b, "d");
     let mut outputs = vec![];
-    for (i, (umask, tz)) in VARIANTS.iter().enumerate() {
+    for (i, v) in VARIANTS.iter().enumerate() {
         let tmp = subdir(b.dir.path(), &format!("tmp{i}"));
         let cwd = subdir(b.dir.path(), &format!("cwd{i}"));
         let out = b.dir.path().join(format!("d-out{i}.tar"));
@@ -308,14 +325,13 @@ fn gzip_docker_archive_is_reproducible_and_loads() {
             &["--base", b.built.path.to_str().unwrap(), "--script", s.to_str().unwrap(), "-o", out.to_str().unwrap(), "--layer-output", layer.to_str().unwrap(), "--compress", "gzip"],
             &tmp,
             &cwd,
-            umask,
-            tz,
+            v,
             None,
         );
         ok(run);
         outputs.push((fs::read(&out).unwrap(), fs::read(&layer).unwrap(), out));
     }
-    assert!(outputs[0].0 == outputs[1].0, "-o differs between runs (cwd, umask, TZ)");
+    assert!(outputs[0].0 == outputs[1].0, "-o differs between runs (cwd, umask, TZ, user)");
     assert!(outputs[0].1 == outputs[1].1, "--layer-output differs between runs");
     let want = Want { format: Out::DockerArchive, codec: Compression::Gzip, created: "1970-01-01T00:00:01Z", epoch: 1 };
     check_output(&b, &outputs[0].2, &want, Some(&outputs[0].1));

@@ -78,10 +78,21 @@ pub fn must(cmd: &mut Command) -> String {
     out
 }
 
-/// The 512-byte header blocks of a plain tar as (typeflag, name field,
-/// uname, gname, magic+version): what the `tar` crate hides (PAX vs GNU
-/// long-name records, empty user names).
-pub fn raw_headers(tar: &[u8]) -> Vec<(u8, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>)> {
+/// One 512-byte ustar header block, as written (what the `tar` crate
+/// hides: PAX vs GNU long-name records, user and group names).
+#[derive(Debug)]
+pub struct RawHeader {
+    pub typeflag: u8,
+    /// The 100-byte name field, up to its first NUL.
+    pub name: Vec<u8>,
+    pub uname: Vec<u8>,
+    pub gname: Vec<u8>,
+    /// magic + version (`ustar\0` `00` for POSIX ustar).
+    pub magic: Vec<u8>,
+}
+
+/// The header blocks of a plain tar, in order (PAX `x` records included).
+pub fn raw_headers(tar: &[u8]) -> Vec<RawHeader> {
     let field = |b: &[u8]| b.iter().take_while(|&&c| c != 0).copied().collect::<Vec<u8>>();
     let mut out = vec![];
     let mut at = 0;
@@ -93,7 +104,13 @@ pub fn raw_headers(tar: &[u8]) -> Vec<(u8, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>)> 
         let size_field = String::from_utf8_lossy(&field(&h[124..136])).trim().to_string();
         let size = u64::from_str_radix(if size_field.is_empty() { "0" } else { &size_field }, 8)
             .unwrap_or_else(|_| panic!("non-octal size field {size_field:?} at offset {at}"));
-        out.push((h[156], field(&h[0..100]), field(&h[265..297]), field(&h[297..329]), h[257..265].to_vec()));
+        out.push(RawHeader {
+            typeflag: h[156],
+            name: field(&h[0..100]),
+            uname: field(&h[265..297]),
+            gname: field(&h[297..329]),
+            magic: h[257..265].to_vec(),
+        });
         at += 512 + (size.div_ceil(512) * 512) as usize;
     }
     out
