@@ -3,7 +3,7 @@
 //!
 //! 1. the kernel, through `kernel-config/build.sh` (cached outside the tree,
 //!    keyed by what it is built from; about 5 minutes the first time);
-//! 2. guest-init, as a static binary (`+crt-static`, the only way here: no
+//! 2. guest-init, as a static stripped binary (`+crt-static`, the only way here: no
 //!    musl target exists), by a nested cargo on a *separate* target dir (the
 //!    same one would deadlock on cargo's build lock);
 //! 3. the initramfs: a newc cpio holding `/init` and `/dev/console`.
@@ -76,7 +76,7 @@ fn build_guest_init(root: &Path, out: &Path) -> PathBuf {
         .args(["build", "--release", "--locked", "-p", "runasroot-guest-init", "--bin", "runasroot-init"])
         .args(["--target", GUEST_TARGET, "--target-dir"])
         .arg(&target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("RUSTFLAGS", "-C target-feature=+crt-static -C strip=symbols")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET")
