@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use runasroot_guest::contract::{self, serial, Blob, DecodeError, FailureKind, Job, Outcome};
+pub use runasroot_guest::hashing::HashingReader;
 use sha2::{Digest, Sha256};
 
 use crate::fail::GuestError;
@@ -270,33 +271,6 @@ impl Read for ChunkReader<'_> {
     }
 }
 
-/// Hashes (sha256) and counts what passes through a reader.
-pub struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-}
-
-impl<R: Read> HashingReader<R> {
-    pub fn new(inner: R) -> Self {
-        HashingReader { inner, hasher: Sha256::new(), count: 0 }
-    }
-
-    /// `sha256:<hex>` of everything read so far, and its length.
-    pub fn finish(self) -> (String, u64) {
-        (format!("sha256:{}", hex::encode(self.hasher.finalize())), self.count)
-    }
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
-        Ok(n)
-    }
-}
-
 /// Writes the payload at [`contract::PAYLOAD_OFFSET`] of the output disk,
 /// hashing and counting it.
 pub struct PayloadWriter<'a> {
@@ -400,7 +374,7 @@ mod tests {
         assert_eq!(out, b"23456");
         let (digest, n) = r.finish();
         assert_eq!(n, 5);
-        assert_eq!(digest, format!("sha256:{}", hex::encode(Sha256::digest(b"23456"))));
+        assert_eq!(runasroot_guest::hashing::digest_string(&digest), format!("sha256:{}", hex::encode(Sha256::digest(b"23456"))));
         // A range past the end of the disk ends where the disk does.
         let mut out = Vec::new();
         RangeReader::new(&f, 8, 100).read_to_end(&mut out).unwrap();

@@ -772,7 +772,8 @@ pub fn unpack_layer(i: usize, spec: &LayerSpec, disk: Option<&File>, root: &std:
     io::copy(&mut hashing, &mut io::sink()).map_err(read_err)?;
     let entries = unpacker.entries;
     unpacker.finish()?;
-    let (diff_id, bytes) = hashing.finish();
+    let (raw, bytes) = hashing.finish();
+    let diff_id = runasroot_guest::hashing::digest_string(&raw);
     if diff_id != spec.diff_id {
         return Err(LayerError::DiffId { layer: i, expected: spec.diff_id.clone(), actual: diff_id });
     }

@@ -44,32 +44,7 @@ pub fn sha256_bytes(bytes: &[u8]) -> Digest {
     Digest::from_sha256(&Sha256::digest(bytes))
 }
 
-/// Hashes and counts what passes through a reader.
-pub struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-}
-
-impl<R: Read> HashingReader<R> {
-    pub fn new(inner: R) -> Self {
-        HashingReader { inner, hasher: Sha256::new(), count: 0 }
-    }
-
-    /// The digest and length of everything read so far.
-    pub fn finish(self) -> (Digest, u64) {
-        (Digest::from_sha256(&self.hasher.finalize()), self.count)
-    }
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
-        Ok(n)
-    }
-}
+pub use runasroot_guest::hashing::HashingReader;
 
 /// Hashes and counts what passes through a writer.
 pub struct HashingWriter<W> {
@@ -125,7 +100,8 @@ impl<R: Read> Read for VerifyingReader<R> {
         };
         let n = inner.read(buf)?;
         if n == 0 && !buf.is_empty() {
-            let (found, _) = self.inner.take().expect("present above").finish();
+            let (raw, _) = self.inner.take().expect("present above").finish();
+            let found = Digest::from_sha256(&raw);
             if found != self.expected {
                 return Err((self.mismatch)(found));
             }
@@ -160,7 +136,8 @@ mod tests {
     fn hashing_reader_and_writer_agree_with_sha256() {
         let mut r = HashingReader::new(&b"abc"[..]);
         io::copy(&mut r, &mut io::sink()).unwrap();
-        assert_eq!(r.finish(), (Digest::parse(ABC).unwrap(), 3));
+        let (raw, n) = r.finish();
+        assert_eq!((Digest::from_sha256(&raw), n), (Digest::parse(ABC).unwrap(), 3));
         let mut w = HashingWriter::new(Vec::new());
         w.write_all(b"abc").unwrap();
         let (v, d, n) = w.finish();

@@ -316,7 +316,8 @@ fn prepare_new_layer(layer: &NewLayer, compression: Compression) -> Result<Prepa
         sink.flush().map_err(compress_err)?;
         (Some((digest, size)), Some(path))
     };
-    let (found, found_size) = src.finish();
+    let (raw, found_size) = src.finish();
+    let found = Digest::from_sha256(&raw);
     if found != layer.diff_id || found_size != layer.size {
         return Err(ImageError::NewLayerMismatch {
             path: layer.path.clone(),
@@ -431,7 +432,8 @@ fn copy_blob(
     if let Err(e) = copy(&mut tracked) {
         return Err(if tracked.failed { Ok(input_err(e)) } else { Err(e) });
     }
-    let (found, found_size) = tracked.inner.finish();
+    let (raw, found_size) = tracked.inner.finish();
+    let found = Digest::from_sha256(&raw);
     if found != m.digest {
         return Err(Ok(match &m.source {
             Source::Base { index, name, .. } => {
