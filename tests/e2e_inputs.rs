@@ -299,11 +299,8 @@ fn a_base_of_131_layers_checked_with_skopeo_and_umoci() {
         if k % 10 == 0 {
             entries.push(whiteout(format!("deep/{:03}", k - 1)));
         }
-        layers.push(layer(entries).compressed(match k % 3 {
-            0 => Compression::None,
-            1 => Compression::Gzip,
-            _ => Compression::Zstd,
-        }));
+        // Plain and gzip only: umoci 0.4.7, which checks the result, has no zstd.
+        layers.push(layer(entries).compressed(if k % 2 == 0 { Compression::None } else { Compression::Gzip }));
     }
     let dir = scratch();
     let built = write(&dir.path().join("deep.tar"), &Build::new(Format::OciArchive), &[image(layers).tag("deep:1")]);
