@@ -12,9 +12,39 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-/// The binary under test.
+/// The binary under test. As root, a copy in a world-readable place: the
+/// unprivileged user may not be able to reach the checkout (a clone under
+/// /root, say).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_runasroot")
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let built = env!("CARGO_BIN_EXE_runasroot");
+        if !is_root() {
+            return built.to_string();
+        }
+        let meta = fs::metadata(built).expect("the built binary");
+        let mtime = meta.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = world_readable_dir(&format!("bin-{}-{mtime}", meta.len()));
+        let copy = dir.join("runasroot");
+        if !copy.exists() {
+            let tmp = dir.join(format!(".runasroot.{}", std::process::id()));
+            fs::copy(built, &tmp).expect("copy the binary");
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+            fs::rename(&tmp, &copy).expect("rename the binary copy");
+        }
+        copy.to_string_lossy().into_owned()
+    })
+}
+
+/// A directory under the system temp dir that every user can read,
+/// whatever the permissions of the checkout.
+pub fn world_readable_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join("runasroot-tests").join(name);
+    fs::create_dir_all(&dir).expect("mkdir");
+    for d in [dir.parent().unwrap(), &dir] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dir
 }
 
 /// The unprivileged uid/gid the binary runs as when the tests run as root
@@ -94,22 +124,23 @@ pub fn assert_empty_dir(dir: &Path) {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-/// The busybox-static base built by the bundled example script (cached
-/// per test process).
+/// The busybox-static base built by the bundled example script. The script
+/// is reproducible, so every test process may share one file: each builds
+/// its own and renames it into place.
 pub fn busybox_base() -> PathBuf {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
-        fs::create_dir_all(&dir).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        let out = dir.join(format!("busybox-base-{}.tar", std::process::id()));
+        let dir = world_readable_dir("fixtures");
+        let out = dir.join("busybox-base.tar");
+        let tmp = dir.join(format!(".busybox-base.{}.tar", std::process::id()));
         let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/example/make-busybox-base.sh"))
-            .arg(&out)
+            .arg(&tmp)
             .stdout(Stdio::null())
             .status()
             .expect("run make-busybox-base.sh");
         assert!(status.success(), "make-busybox-base.sh failed (is busybox-static installed?)");
-        fs::set_permissions(&out, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::rename(&tmp, &out).unwrap();
         out
     })
     .clone()
