@@ -93,7 +93,7 @@ fn outputs_are_byte_identical_across_cwd_umask_and_tz() {
         let cwd = subdir(dir.path(), &format!("cwd{i}"));
         let img = dir.path().join(format!("img{i}.tar"));
         let layer = dir.path().join(format!("layer{i}.tar"));
-        let mut cmd = runasroot_cmd(
+        let cmd = runasroot_cmd(
             &["--base", base.to_str().unwrap(), "--script", s.to_str().unwrap(), "-o", img.to_str().unwrap(), "--layer-output", layer.to_str().unwrap()],
             &tmp,
         );
