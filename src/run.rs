@@ -30,6 +30,8 @@ pub const EXIT_TIMEOUT: u8 = 124;
 const MIN_MEMORY_MIB: u64 = 128;
 /// Scratch space below this cannot hold even a busybox base.
 const MIN_DISK_MIB: u64 = 16;
+/// The guest kernel's CONFIG_NR_CPUS (kernel-config/runasroot.config).
+const MAX_CPUS: u64 = 32;
 /// Console lines kept for error reports.
 const CONSOLE_TAIL: usize = 40;
 
@@ -48,6 +50,8 @@ pub enum RunError {
     BadTimeout(String),
     #[error("--{flag} must be at least {min}")]
     TooSmall { flag: &'static str, min: u64 },
+    #[error("--{flag} can be at most {max} (the guest kernel's limit)")]
+    TooLarge { flag: &'static str, max: u64 },
     #[error("cannot create a temporary directory in {dir} (set TMPDIR to a writable directory)")]
     TempDir {
         dir: PathBuf,
@@ -288,6 +292,9 @@ fn prepare_machine(vm: &VmArgs, ui: &Ui) -> Result<Box<dyn Machine>, RunError> {
     }
     if vm.cpus == 0 {
         return Err(RunError::TooSmall { flag: "cpus", min: 1 });
+    }
+    if u64::from(vm.cpus) > MAX_CPUS {
+        return Err(RunError::TooLarge { flag: "cpus", max: MAX_CPUS });
     }
     vm.timeout.as_deref().map(parse_timeout).transpose()?;
     Ok(select::select(vm.vmm, &mut |line| ui.notice(line))?)
