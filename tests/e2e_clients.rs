@@ -164,7 +164,7 @@ fn check_with_clients(b: &Base, path: &Path, want: &Want, diff_ids: &[String], s
         return;
     }
     if !is_root() {
-        eprintln!("skipped: umoci raw unpack needs root to restore owners");
+        skip("umoci raw unpack needs root to restore owners");
     } else if have("umoci") {
         let rootfs = scratch.join("rootfs");
         must(Command::new("umoci").args(["raw", "unpack", "--image"]).arg(format!("{}:check", copy.display())).arg(&rootfs));

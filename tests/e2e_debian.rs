@@ -44,7 +44,7 @@ fn redis_user_on_debian_bookworm_minbase() {
     let built = match write_debian_base(&base) {
         Ok(b) => b,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            skip(&why);
             return;
         }
     };
@@ -110,7 +110,7 @@ fn redis_user_on_debian_bookworm_minbase() {
         let v: serde_json::Value = serde_json::from_str(&skopeo(&["inspect", &format!("docker-archive:{}", out.display())])).unwrap();
         assert_eq!(v["Layers"].as_array().unwrap().len(), 2);
         if !is_root() {
-            eprintln!("skipped: umoci raw unpack needs root to restore owners");
+            skip("umoci raw unpack needs root to restore owners");
         } else if have("umoci") {
             let copy = dir.path().join("oci");
             skopeo(&["copy", &format!("docker-archive:{}", out.display()), &format!("oci:{}:redis", copy.display())]);

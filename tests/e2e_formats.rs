@@ -325,7 +325,7 @@ fn run_script(dir: &Path, base: &str, body: &str, extra: &[&str]) -> Outcome {
 #[test]
 fn every_edge_case_row_in_one_boot() {
     let Some(img) = edge_image() else {
-        eprintln!("skipped: busybox-static or gcc -static is missing");
+        skip("busybox-static or gcc -static is missing");
         return;
     };
     let dir = scratch();
@@ -381,7 +381,7 @@ fn every_edge_case_row_in_one_boot() {
 /// nothing written.
 fn assert_rejected(bad: Layer, entry: &str) {
     let Some(bb) = busybox_entries() else {
-        eprintln!("skipped: busybox-static is missing");
+        skip("busybox-static is missing");
         return;
     };
     let dir = scratch();
@@ -411,7 +411,7 @@ fn a_leading_dotdot_name_is_rejected_naming_the_entry() {
 #[test]
 fn a_missing_interpreter_is_a_clear_error_naming_it() {
     let Some(bb) = busybox_entries() else {
-        eprintln!("skipped: busybox-static is missing");
+        skip("busybox-static is missing");
         return;
     };
     let dir = scratch();
@@ -426,7 +426,7 @@ fn a_missing_interpreter_is_a_clear_error_naming_it() {
 #[test]
 fn a_shebang_picks_the_interpreter_and_its_arguments() {
     let Some(bb) = busybox_entries() else {
-        eprintln!("skipped: busybox-static is missing");
+        skip("busybox-static is missing");
         return;
     };
     let dir = scratch();

@@ -105,7 +105,7 @@ fn assert_base_kept(p: &Probe, built: &BuiltImage, dir: &Path) {
 
 fn check_format(build: Build) {
     let Some(img) = formats_image() else {
-        eprintln!("skipped: busybox-static is missing");
+        skip("busybox-static is missing");
         return;
     };
     let dir = scratch();
@@ -324,7 +324,7 @@ fn a_base_of_131_layers_checked_with_skopeo_and_umoci() {
         let copy = dir.path().join("copy");
         skopeo(&["copy", &format!("oci-archive:{}", out.display()), &format!("oci:{}:deep", copy.display())]);
         if !is_root() {
-            eprintln!("skipped: umoci raw unpack needs root to restore owners");
+            skip("umoci raw unpack needs root to restore owners");
         } else if have("umoci") {
             let rootfs = dir.path().join("rootfs");
             must(Command::new("umoci").args(["raw", "unpack", "--image"]).arg(format!("{}:deep", copy.display())).arg(&rootfs));

@@ -18,7 +18,7 @@ use images::*;
 /// nothing was written and returns the run.
 fn limited(body: &str, limits: &[&str]) -> Option<Run> {
     let Some(img) = busybox_image() else {
-        eprintln!("skipped: busybox-static is missing");
+        skip("busybox-static is missing");
         return None;
     };
     let dir = scratch();

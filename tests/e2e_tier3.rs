@@ -13,7 +13,7 @@ fn hardware_kvm() -> bool {
     match runasroot::machine::kvm::hardware_support() {
         Ok(()) => true,
         Err(reason) => {
-            eprintln!("skipped: tier 3 needs hardware KVM: {reason}");
+            skip(&format!("tier 3 needs hardware KVM: {reason}"));
             false
         }
     }
@@ -101,7 +101,7 @@ fn tier3_builtin_vmm_passes_exit_codes_and_timeouts() {
 #[test]
 fn forcing_the_builtin_vmm_without_hardware_kvm_fails_fast_with_the_reason() {
     if runasroot::machine::kvm::hardware_support().is_ok() {
-        eprintln!("skipped: this host has hardware KVM, so --vmm builtin is allowed here");
+        skip("this host has hardware KVM, so --vmm builtin is allowed here");
         return;
     }
     let dir = scratch();

@@ -66,14 +66,14 @@ fn spec(kernel: KernelImages, initramfs: PathBuf, cmdline: &str, disks: Vec<Disk
 #[test]
 fn tier1_test_guest_copies_a_sector_and_resets() {
     if let Some(why) = kvm_unusable() {
-        println!("skipped: {why}");
+        skip(&why);
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let guest = match build_test_guest(dir.path()) {
         Ok(g) => g,
         Err(why) => {
-            println!("skipped: {why}");
+            skip(&why);
             return;
         }
     };
@@ -124,7 +124,7 @@ fn tier1_test_guest_copies_a_sector_and_resets() {
 #[test]
 fn tier1_test_guest_is_stopped_by_the_deadline_and_by_stop() {
     if let Some(why) = kvm_unusable() {
-        println!("skipped: {why}");
+        skip(&why);
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -199,13 +199,13 @@ fn kernel_dir() -> Result<PathBuf, String> {
 #[test]
 fn tier1_real_kernel_prints_its_banner_and_our_command_line() {
     if let Some(why) = kvm_unusable() {
-        println!("skipped: {why}");
+        skip(&why);
         return;
     }
     let dir = match kernel_dir() {
         Ok(d) => d,
         Err(why) => {
-            println!("skipped: {why}");
+            skip(&why);
             return;
         }
     };
@@ -243,4 +243,12 @@ fn tier1_real_kernel_prints_its_banner_and_our_command_line() {
     // on to panic for want of an init, and reboot: also fine).
     assert!(matches!(exit, Ok(GuestExit::Stopped) | Ok(GuestExit::Reset)), "{exit:?}");
     println!("banner and command line seen after {:?}", seen_at.unwrap());
+}
+
+/// Says that a test (or part of one) was skipped and why. Written straight
+/// to the stderr file descriptor, past the test harness's output capture,
+/// so a skip shows in `cargo test` output even when the test passes.
+fn skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {reason}");
 }

@@ -211,11 +211,19 @@ pub fn mtimes(tar_bytes: &[u8]) -> Vec<u64> {
     tar::Archive::new(tar_bytes).entries().unwrap().map(|e| e.unwrap().header().mtime().unwrap()).collect()
 }
 
+/// Says that a test (or part of one) was skipped and why. Written straight
+/// to the stderr file descriptor, past the test harness's output capture,
+/// so a skip shows in `cargo test` output even when the test passes.
+pub fn skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {reason}");
+}
+
 /// Whether a host tool is installed; prints why a test is skipped if not.
 pub fn have(tool: &str) -> bool {
     let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
     if !found {
-        eprintln!("skipped: {tool} is not installed (.ci/setup installs it)");
+        skip(&format!("{tool} is not installed (.ci/setup installs it)"));
     }
     found
 }
@@ -239,7 +247,7 @@ impl Dockerd {
     /// Starts one, or returns None (printing why) where that is impossible.
     pub fn start() -> Option<Dockerd> {
         if !is_root() {
-            eprintln!("skipped: docker load needs a private dockerd, which needs root");
+            skip("docker load needs a private dockerd, which needs root");
             return None;
         }
         if !have("dockerd") {

@@ -48,7 +48,7 @@ pub fn rar_helper() -> Option<Vec<u8>> {
         match status {
             Ok(s) if s.success() => fs::rename(&tmp, &out).expect("rename rar-helper"),
             other => {
-                eprintln!("skipped: cannot build tests/helpers/rar-helper.c with `gcc -static` ({other:?}); install gcc and libc6-dev");
+                skip(&format!("cannot build tests/helpers/rar-helper.c with `gcc -static` ({other:?}); install gcc and libc6-dev"));
                 return None;
             }
         }
@@ -428,3 +428,11 @@ pub fn write_debian_base(path: &Path) -> Result<images::Built, String> {
 /// runasroot runs it with /bin/sh).
 pub const REDIS_SCRIPT: &str =
     "groupadd -r redis && useradd -r -g redis -d /data -M redis && mkdir /data && chown redis:redis /data\n";
+
+/// Says that a test (or part of one) was skipped and why. Written straight
+/// to the stderr file descriptor, past the test harness's output capture,
+/// so a skip shows in `cargo test` output even when the test passes.
+fn skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {reason}");
+}
