@@ -1188,51 +1188,6 @@ pub fn tar_members(path: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-#[cfg(test)]
-mod fixture_tests {
-    use super::*;
-
-    #[test]
-    fn whiteout_and_opaque_names() {
-        assert_eq!(whiteout("a/b/c").path, b"a/b/.wh.c");
-        assert_eq!(whiteout("c").path, b".wh.c");
-        assert_eq!(opaque("a/b").path, b"a/b/.wh..wh..opq");
-    }
-
-    #[test]
-    fn layer_tar_lists_back_exactly() {
-        let long = "d/".repeat(60) + "f";
-        let bytes = layer_tar(&[
-            dir("d").owner(1, 2),
-            file("d/f", "abc").mode(0o4755).xattr("security.capability", [1u8, 2]),
-            symlink("d/l", "f"),
-            hardlink("d/h", "d/f"),
-            char_dev("d/c", 1, 3),
-            block_dev("d/b", 8, 0),
-            fifo("d/p"),
-            whiteout("d/gone"),
-            opaque("d"),
-            file(&long, "").owner(1 << 30, 0),
-        ]);
-        let t = DEFAULT_MTIME;
-        assert_eq!(
-            list_tar(&bytes[..]),
-            vec![
-                format!("d/ Directory 755 1:2 0 {t}"),
-                format!("d/f Regular 4755 0:0 3 {t} [security.capability=\u{1}\u{2}]"),
-                format!("d/l Symlink 777 0:0 0 {t} -> f"),
-                format!("d/h Link 644 0:0 0 {t} -> d/f"),
-                format!("d/c Char 666 0:0 0 {t} 1:3"),
-                format!("d/b Block 660 0:0 0 {t} 8:0"),
-                format!("d/p Fifo 644 0:0 0 {t}"),
-                format!("d/.wh.gone Regular 644 0:0 0 {t}"),
-                format!("d/.wh..wh..opq Regular 644 0:0 0 {t}"),
-                format!("{long} Regular 644 1073741824:0 0 {t}"),
-            ]
-        );
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Shared export test images
 // ---------------------------------------------------------------------------
@@ -1330,4 +1285,49 @@ pub fn deep_export_image(n: usize) -> Image {
         layers.push(layer(entries).compressed(c));
     }
     image(layers)
+}
+
+#[cfg(test)]
+mod fixture_tests {
+    use super::*;
+
+    #[test]
+    fn whiteout_and_opaque_names() {
+        assert_eq!(whiteout("a/b/c").path, b"a/b/.wh.c");
+        assert_eq!(whiteout("c").path, b".wh.c");
+        assert_eq!(opaque("a/b").path, b"a/b/.wh..wh..opq");
+    }
+
+    #[test]
+    fn layer_tar_lists_back_exactly() {
+        let long = "d/".repeat(60) + "f";
+        let bytes = layer_tar(&[
+            dir("d").owner(1, 2),
+            file("d/f", "abc").mode(0o4755).xattr("security.capability", [1u8, 2]),
+            symlink("d/l", "f"),
+            hardlink("d/h", "d/f"),
+            char_dev("d/c", 1, 3),
+            block_dev("d/b", 8, 0),
+            fifo("d/p"),
+            whiteout("d/gone"),
+            opaque("d"),
+            file(&long, "").owner(1 << 30, 0),
+        ]);
+        let t = DEFAULT_MTIME;
+        assert_eq!(
+            list_tar(&bytes[..]),
+            vec![
+                format!("d/ Directory 755 1:2 0 {t}"),
+                format!("d/f Regular 4755 0:0 3 {t} [security.capability=\u{1}\u{2}]"),
+                format!("d/l Symlink 777 0:0 0 {t} -> f"),
+                format!("d/h Link 644 0:0 0 {t} -> d/f"),
+                format!("d/c Char 666 0:0 0 {t} 1:3"),
+                format!("d/b Block 660 0:0 0 {t} 8:0"),
+                format!("d/p Fifo 644 0:0 0 {t}"),
+                format!("d/.wh.gone Regular 644 0:0 0 {t}"),
+                format!("d/.wh..wh..opq Regular 644 0:0 0 {t}"),
+                format!("{long} Regular 644 1073741824:0 0 {t}"),
+            ]
+        );
+    }
 }
