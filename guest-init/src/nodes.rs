@@ -51,18 +51,9 @@ impl Meta {
     }
 }
 
-/// The node a tar entry asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NodeKind {
-    File { size: u64 },
-    Dir,
-    Symlink { target: Vec<u8> },
-    /// A link to an earlier entry, by its (unsanitised) archive name.
-    Hardlink { target: Vec<u8> },
-    Char { major: u32, minor: u32 },
-    Block { major: u32, minor: u32 },
-    Fifo,
-}
+/// The node a tar entry asks for: the same kinds the tar writer emits
+/// (a hardlink's target is its unsanitised archive name here).
+pub use runasroot_guest::tarfmt::Kind as NodeKind;
 
 /// A tar entry, decoded: its raw path, what it is, and its metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]

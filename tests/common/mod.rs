@@ -146,6 +146,26 @@ pub fn busybox_base() -> PathBuf {
     .clone()
 }
 
+/// The skeleton case both launchers run: a chown, a deleted base file and a
+/// re-created directory, on the busybox base.
+pub const SKELETON_SCRIPT: &str = "mkdir /data && chown 1000:1000 /data\n\
+     rm /etc/group\n\
+     rm -rf /root && mkdir /root && echo hi > /root/new\n";
+
+/// The layer [`SKELETON_SCRIPT`] must produce, entry by entry.
+pub fn skeleton_layer() -> Vec<String> {
+    [
+        "data/ dir 755 1000:1000 0",
+        "etc/ dir 755 0:0 0",
+        "etc/.wh.group file 644 0:0 0",
+        "root/ dir 755 0:0 0",
+        "root/.wh..wh..opq file 644 0:0 0",
+        "root/new file 644 0:0 3",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Writes a script file readable by everyone.
 pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let p = dir.join(name);
