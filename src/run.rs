@@ -60,6 +60,10 @@ pub enum RunError {
     },
     #[error("reading the base image failed")]
     Image(#[from] ImageError),
+    #[error("writing the new image failed")]
+    WriteImage(#[source] ImageError),
+    #[error("cannot write {path}: its directory {dir} does not exist")]
+    OutputDir { path: PathBuf, dir: PathBuf },
     #[error("preparing the job failed")]
     Job(#[from] JobError),
     #[error("finding the guest kernel failed")]
@@ -489,8 +493,33 @@ fn write_payload(r: &GuestResult, target: &Target) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Checks what can be checked before any work: the script and copy-to-root
+/// items can be read, each output's directory exists. A typo then costs
+/// nothing, not a whole guest run.
+fn check_inputs(script: Option<&Path>, script_args: &ScriptArgs, outputs: [Option<&Target>; 2]) -> Result<(), RunError> {
+    if let Some(path) = script {
+        File::open(path).map_err(|source| JobError::ReadScript { path: path.to_path_buf(), source })?;
+    }
+    for path in &script_args.copy_to_root {
+        std::fs::metadata(path).map_err(|source| JobError::ReadCopyToRoot { path: path.clone(), source })?;
+    }
+    for target in outputs.into_iter().flatten() {
+        if let Target::Path(path) = target {
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
+                return Err(RunError::OutputDir { path: path.clone(), dir: dir.to_path_buf() });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `runasroot --base … --script … -o …`.
 pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ended, RunError> {
+    args.input.base.as_deref().ok_or(RunError::MissingBase)?;
     let script = args.script.as_deref().ok_or(RunError::MissingScript)?;
     let out = args.output.as_deref().map(Target::parse);
     let layer_out = args.layer_output.as_deref().map(Target::parse);
@@ -500,6 +529,7 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
     if out == Some(Target::Stdout) && layer_out == Some(Target::Stdout) {
         return Err(RunError::BothStdout);
     }
+    check_inputs(Some(script), &args.script_env, [out.as_ref(), layer_out.as_ref()])?;
     let times = job::resolve_times(args.created.as_deref(), source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
     let mut machine = prepare_machine(&args.vm, ui)?;
     let temp = temp_dir()?;
@@ -534,7 +564,7 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
             created: times.created.clone(),
             history_created_by: history_line(script),
         };
-        image::write_image(&image, &new, &opts, target)?;
+        image::write_image(&image, &new, &opts, target).map_err(RunError::WriteImage)?;
     }
     ui.finish();
     Ok(Ended::Done)
@@ -548,7 +578,9 @@ fn history_line(script: &Path) -> String {
 
 /// `runasroot export …`.
 pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ended, RunError> {
+    args.input.base.as_deref().ok_or(RunError::MissingBase)?;
     let target = Target::parse(&args.output);
+    check_inputs(args.script.as_deref(), &args.script_env, [Some(&target), None])?;
     let times = job::resolve_times(None, source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
     let in_vm = args.in_vm || args.script.is_some();
     let mut machine = if in_vm { Some(prepare_machine(&args.vm, ui)?) } else { None };
