@@ -194,3 +194,27 @@ fn qemu_running_for(tmp: &Path) -> bool {
             .unwrap_or(false)
     })
 }
+
+#[test]
+fn bad_paths_fail_at_once_naming_the_path() {
+    let dir = scratch();
+    let tmp = subdir(dir.path(), "tmp");
+    let s = script(dir.path(), "s.sh", "true\n");
+    let base = busybox_base();
+    let missing_script = dir.path().join("nope.sh");
+    let missing_dir = dir.path().join("no/such/dir/out.tar");
+    let cases: [(Vec<&str>, String); 3] = [
+        (vec!["--base", base.to_str().unwrap(), "--script", missing_script.to_str().unwrap(), "-o", "-"], missing_script.display().to_string()),
+        (vec!["--base", base.to_str().unwrap(), "--script", s.to_str().unwrap(), "-o", missing_dir.to_str().unwrap()], "does not exist".into()),
+        (vec!["--base", "/no/such/base.tar", "--script", s.to_str().unwrap(), "-o", "-"], "/no/such/base.tar".into()),
+    ];
+    for (args, needle) in cases {
+        let start = Instant::now();
+        let run = runasroot(&args, &tmp);
+        assert_eq!(run.code, 125, "{run:?}");
+        assert!(run.stderr.contains(&needle), "expected {needle:?} in {run:?}");
+        assert!(run.stdout.is_empty());
+        assert!(start.elapsed() < Duration::from_secs(5), "no guest should boot for a bad path");
+        assert_empty_dir(&tmp);
+    }
+}
