@@ -716,7 +716,7 @@ fn lower_meta(lowers: &Lowers, layer: usize, parent_rel: &[u8], name: &[u8]) -> 
 }
 
 /// The uncompressed stream of a layer, from its byte range on the disk.
-pub fn open_stream<'a>(disk: &'a File, spec: &LayerSpec) -> io::Result<Box<dyn Read + 'a>> {
+pub fn open_stream<'a>(disk: &'a File, spec: &LayerSpec) -> io::Result<Box<dyn Read + Send + 'a>> {
     // ChunkReader is the buffer: no BufReader copy in between.
     let raw = ChunkReader::new(disk, spec.range.offset, spec.range.length, READ_BUF);
     Ok(match spec.compression {
@@ -725,6 +725,76 @@ pub fn open_stream<'a>(disk: &'a File, spec: &LayerSpec) -> io::Result<Box<dyn R
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
         Compression::Zstd => Box::new(zstd::Decoder::with_buffer(raw)?),
     })
+}
+
+/// Chunks in flight between the layer reader thread and the unpacker.
+const PIPE_CHUNKS: usize = 4;
+/// Size of one chunk handed from the reader thread to the unpacker.
+const PIPE_CHUNK: usize = 256 << 10;
+
+/// The reader thread: reads (and decompresses, and hashes) the layer stream
+/// in chunks until it ends, fails, or the unpacker stops listening. Returns
+/// the hash of what it read.
+fn produce_chunks<R: Read>(mut hashing: HashingReader<R>, tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>) -> ([u8; 32], u64) {
+    loop {
+        let mut chunk = vec![0u8; PIPE_CHUNK];
+        let mut filled = 0;
+        let result = loop {
+            match hashing.read(&mut chunk[filled..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    filled += n;
+                    if filled == chunk.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        chunk.truncate(filled);
+        let done = filled < PIPE_CHUNK;
+        let sent = match result {
+            Ok(()) if chunk.is_empty() => break,
+            Ok(()) => tx.send(Ok(chunk)),
+            Err(e) => {
+                let _ = tx.send(Ok(chunk));
+                let _ = tx.send(Err(e));
+                break;
+            }
+        };
+        if sent.is_err() || done {
+            break;
+        }
+    }
+    hashing.finish()
+}
+
+/// The unpacker's side of the pipe: a `Read` over the chunks.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                // The reader thread finished: end of stream.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// Counters of one unpacked layer, for the log.
@@ -761,18 +831,33 @@ pub fn unpack_layer(i: usize, spec: &LayerSpec, disk: Option<&File>, root: &std:
         Mode::empty(),
     )
     .map_err(|e| mkdir_err(e.into()))?;
-    let mut hashing = HashingReader::new(open_stream(disk, spec).map_err(read_err)?);
+    let stream = open_stream(disk, spec).map_err(read_err)?;
     let mut unpacker = Unpacker::new(i, root_fd, lowers);
-    {
-        let mut archive = tar::Archive::new(&mut hashing);
-        unpacker.unpack(&mut archive, read_err)?;
-    }
     // The diff_id covers the whole stream, end-of-archive blocks and any
-    // padding after them included.
-    io::copy(&mut hashing, &mut io::sink()).map_err(read_err)?;
+    // padding after them included: the reader is drained after the tar.
+    let ((raw, bytes), unpacked) = if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        // With a second vCPU, reading, decompressing and hashing run beside
+        // the unpacking (under TCG each costs about as much as the other).
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(PIPE_CHUNKS);
+            let producer = scope.spawn(move || produce_chunks(HashingReader::new(stream), tx));
+            let mut reader = ChannelReader { rx, chunk: Vec::new(), pos: 0 };
+            let unpacked = unpacker.unpack(&mut tar::Archive::new(&mut reader), read_err).and_then(|()| {
+                io::copy(&mut reader, &mut io::sink()).map(drop).map_err(read_err)
+            });
+            drop(reader);
+            (producer.join().expect("the layer reader thread does not panic"), unpacked)
+        })
+    } else {
+        let mut hashing = HashingReader::new(stream);
+        let unpacked = unpacker.unpack(&mut tar::Archive::new(&mut hashing), read_err).and_then(|()| {
+            io::copy(&mut hashing, &mut io::sink()).map(drop).map_err(read_err)
+        });
+        (hashing.finish(), unpacked)
+    };
+    unpacked?;
     let entries = unpacker.entries;
     unpacker.finish()?;
-    let (raw, bytes) = hashing.finish();
     let diff_id = runasroot_guest::hashing::digest_string(&raw);
     if diff_id != spec.diff_id {
         return Err(LayerError::DiffId { layer: i, expected: spec.diff_id.clone(), actual: diff_id });
@@ -785,6 +870,60 @@ pub fn unpack_layer(i: usize, spec: &LayerSpec, disk: Option<&File>, root: &std:
 #[allow(clippy::type_complexity)]
 mod tests {
     use super::*;
+
+    /// A reader that fails after `ok` bytes.
+    struct FailAfter {
+        ok: usize,
+    }
+
+    impl Read for FailAfter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.ok == 0 {
+                return Err(io::Error::other("disk gone"));
+            }
+            let n = buf.len().min(self.ok);
+            buf[..n].fill(7);
+            self.ok -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_reader_thread_hands_over_every_byte_and_its_hash() {
+        for len in [0usize, 1, PIPE_CHUNK - 1, PIPE_CHUNK, 3 * PIPE_CHUNK + 17] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let (tx, rx) = std::sync::mpsc::sync_channel(PIPE_CHUNKS);
+            let (out, (raw, n)) = std::thread::scope(|scope| {
+                let producer = scope.spawn(|| produce_chunks(HashingReader::new(&data[..]), tx));
+                let mut out = Vec::new();
+                ChannelReader { rx, chunk: Vec::new(), pos: 0 }.read_to_end(&mut out).unwrap();
+                (out, producer.join().unwrap())
+            });
+            assert_eq!(out, data, "len {len}");
+            let mut direct = HashingReader::new(&data[..]);
+            io::copy(&mut direct, &mut io::sink()).unwrap();
+            assert_eq!((raw, n), direct.finish(), "len {len}");
+        }
+    }
+
+    #[test]
+    fn the_reader_thread_passes_on_errors_and_stops_when_nobody_listens() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(PIPE_CHUNKS);
+        let err = std::thread::scope(|scope| {
+            scope.spawn(|| produce_chunks(HashingReader::new(FailAfter { ok: PIPE_CHUNK + 5 }), tx));
+            let mut out = Vec::new();
+            let err = ChannelReader { rx, chunk: Vec::new(), pos: 0 }.read_to_end(&mut out).unwrap_err();
+            assert_eq!(out.len(), PIPE_CHUNK + 5);
+            err
+        });
+        assert_eq!(err.to_string(), "disk gone");
+        // The consumer goes away early: the producer must not block forever.
+        let (tx, rx) = std::sync::mpsc::sync_channel(PIPE_CHUNKS);
+        drop(rx);
+        let endless = FailAfter { ok: usize::MAX };
+        let (_, n) = produce_chunks(HashingReader::new(endless), tx);
+        assert_eq!(n, PIPE_CHUNK as u64);
+    }
 
     #[test]
     fn sanitizes_paths() {
