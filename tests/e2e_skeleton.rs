@@ -218,3 +218,15 @@ fn bad_paths_fail_at_once_naming_the_path() {
         assert_empty_dir(&tmp);
     }
 }
+
+#[test]
+fn two_vcpus_give_the_same_bytes_as_one() {
+    // With a second vCPU the guest reads and hashes layers in a thread
+    // beside the unpacker: the result must not change.
+    let (one, l1, _d1) = layer_run(SKELETON_SCRIPT, &["--cpus", "1"]);
+    let (two, l2, _d2) = layer_run(SKELETON_SCRIPT, &["--cpus", "2"]);
+    ok(one);
+    ok(two);
+    assert_eq!(listing(l2.as_ref().unwrap()), skeleton_layer());
+    assert!(l1 == l2, "--cpus 2 changed the layer");
+}
