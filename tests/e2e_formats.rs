@@ -410,13 +410,10 @@ fn a_leading_dotdot_name_is_rejected_naming_the_entry() {
 
 #[test]
 fn a_missing_interpreter_is_a_clear_error_naming_it() {
-    let Some(bb) = busybox_entries() else {
-        skip("busybox-static is missing");
+    let dir = scratch();
+    let Some(base) = busybox_hybrid(dir.path()) else {
         return;
     };
-    let dir = scratch();
-    let base = dir.path().join("base.tar");
-    write(&base, &Build::new(Format::DockerHybrid), &[image(vec![layer(bb)])]);
     let o = run_script(dir.path(), base.to_str().unwrap(), "#!/usr/bin/python3\nprint('hi')\n", &[]);
     assert_eq!(o.run.code, 125, "{:?}", o.run);
     assert!(o.run.stderr.contains("/usr/bin/python3"), "the message names the interpreter: {:?}", o.run);
@@ -425,13 +422,10 @@ fn a_missing_interpreter_is_a_clear_error_naming_it() {
 
 #[test]
 fn a_shebang_picks_the_interpreter_and_its_arguments() {
-    let Some(bb) = busybox_entries() else {
-        skip("busybox-static is missing");
+    let dir = scratch();
+    let Some(base) = busybox_hybrid(dir.path()) else {
         return;
     };
-    let dir = scratch();
-    let base = dir.path().join("base.tar");
-    write(&base, &Build::new(Format::DockerHybrid), &[image(vec![layer(bb)])]);
     // `sh -e`: the failing `false` stops the script with its code.
     let o = run_script(dir.path(), base.to_str().unwrap(), "#!/bin/sh -e\nfalse\ntouch /not-reached\n", &[]);
     assert_eq!(o.run.code, 1, "the shebang's -e stopped the script: {:?}", o.run);
@@ -440,4 +434,16 @@ fn a_shebang_picks_the_interpreter_and_its_arguments() {
     let o = run_script(dir.path(), base.to_str().unwrap(), "#!/bin/busybox ash\necho ok > /ran\n", &[]);
     ok(o.run);
     assert_eq!(listing(&o.layer.unwrap()), vec!["ran file 644 0:0 3"]);
+}
+
+/// A one-layer busybox base (hybrid docker-archive) in `dir`, or None
+/// (saying why) where busybox-static is missing.
+fn busybox_hybrid(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let Some(bb) = busybox_entries() else {
+        skip("busybox-static is missing");
+        return None;
+    };
+    let base = dir.join("base.tar");
+    write(&base, &Build::new(Format::DockerHybrid), &[image(vec![layer(bb)])]);
+    Some(base)
 }

@@ -27,16 +27,6 @@ fn transport(build: &Build, path: &Path) -> String {
     }
 }
 
-fn sample() -> Image {
-    image(vec![
-        layer(vec![dir("etc"), file("etc/passwd", "root:x:0:0::/root:/bin/sh\n"), dir("tmp").mode(0o1777)]),
-        layer(vec![whiteout("etc/passwd"), dir("var"), opaque("var"), char_dev("var/null", 1, 3)]).gzip(),
-        layer(vec![file("var/x", "x").xattr("user.k", "v"), hardlink("var/y", "var/x")]).zstd(),
-    ])
-    .listing(vec![0, 1, 2, 1])
-    .tag("sample:1")
-    .env(&["A=b"])
-}
 
 #[test]
 fn skopeo_reads_every_fixture_format_and_copies_it_verified() {
@@ -48,7 +38,7 @@ fn skopeo_reads_every_fixture_format_and_copies_it_verified() {
     for build in all_builds().into_iter().filter(|b| b.whole == Whole::None) {
         for b in [build, if build.format == Format::DockerLegacy { build.symlinked_layers() } else { build }] {
             let path = tmp.path().join(format!("{}{}", if b.symlinked_layers { "sym-" } else { "" }, file_name(&b)));
-            let built = write(&path, &b, &[sample()]);
+            let built = write(&path, &b, &[sample_image()]);
             let t = transport(&b, &path);
             let (ok, out) = skopeo(&["inspect", &t]);
             assert!(ok, "skopeo inspect {t}: {out}");
@@ -86,7 +76,7 @@ fn skopeo_refuses_corrupt_fixtures() {
     for (n, (format, corrupt)) in cases.into_iter().enumerate() {
         let b = Build::new(format).corrupt(corrupt);
         let path = tmp.path().join(format!("{n}-{}", file_name(&b)));
-        write(&path, &b, &[sample()]);
+        write(&path, &b, &[sample_image()]);
         let mut t = transport(&b, &path);
         if format == Format::DockerHybrid {
             // Through manifest.json skopeo checks diff_ids only; the OCI
@@ -106,7 +96,7 @@ fn corruptions_skopeo_does_not_check_are_really_there() {
     // check this corruption directly.
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("oci");
-    let built = write(&path, &Build::new(Format::OciDir).corrupt(Corrupt::ManifestDigest), &[sample()]);
+    let built = write(&path, &Build::new(Format::OciDir).corrupt(Corrupt::ManifestDigest), &[sample_image()]);
     let named = built.images[0].manifest_digest.clone().unwrap();
     let hex = named.strip_prefix("sha256:").unwrap();
     let bytes = std::fs::read(path.join("blobs/sha256").join(hex)).unwrap();
@@ -116,7 +106,7 @@ fn corruptions_skopeo_does_not_check_are_really_there() {
 
     // Nor does it check that a legacy config's bytes hash to its name.
     let path = tmp.path().join("legacy.tar");
-    let built = write(&path, &Build::new(Format::DockerLegacy).corrupt(Corrupt::ConfigDigest), &[sample()]);
+    let built = write(&path, &Build::new(Format::DockerLegacy).corrupt(Corrupt::ConfigDigest), &[sample_image()]);
     let named = built.images[0].config_digest.strip_prefix("sha256:").unwrap().to_string();
     let members = tar_members(&path);
     let (_, config) = members.iter().find(|(n, _)| *n == format!("{named}.json")).unwrap();

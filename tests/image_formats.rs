@@ -47,16 +47,9 @@ fn read_all(mut r: impl Read) -> Vec<u8> {
     v
 }
 
-/// Three distinct layers (none, gzip, zstd), the gzip one listed twice.
+/// The shared sample with a PATH in its Env.
 fn sample() -> Image {
-    image(vec![
-        layer(vec![dir("etc"), file("etc/passwd", "root:x:0:0::/root:/bin/sh\n"), dir("tmp").mode(0o1777)]),
-        layer(vec![whiteout("etc/passwd"), dir("var"), opaque("var"), char_dev("var/null", 1, 3)]).gzip(),
-        layer(vec![file("var/x", "x").xattr("user.k", "v"), hardlink("var/y", "var/x")]).zstd(),
-    ])
-    .listing(vec![0, 1, 2, 1])
-    .tag("sample:1")
-    .env(&["A=b", "PATH=/bin"])
+    sample_image().env(&["A=b", "PATH=/bin"])
 }
 
 /// [`sample`] with its zstd layer gzipped: for umoci 0.4.7 and skopeo's

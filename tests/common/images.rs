@@ -1188,6 +1188,19 @@ pub fn tar_members(path: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Three distinct layers (none, gzip, zstd), the gzip one listed twice:
+/// whiteout, opaque dir, device, xattr and hardlink in a small image.
+pub fn sample_image() -> Image {
+    image(vec![
+        layer(vec![dir("etc"), file("etc/passwd", "root:x:0:0::/root:/bin/sh\n"), dir("tmp").mode(0o1777)]),
+        layer(vec![whiteout("etc/passwd"), dir("var"), opaque("var"), char_dev("var/null", 1, 3)]).gzip(),
+        layer(vec![file("var/x", "x").xattr("user.k", "v"), hardlink("var/y", "var/x")]).zstd(),
+    ])
+    .listing(vec![0, 1, 2, 1])
+    .tag("sample:1")
+    .env(&["A=b"])
+}
+
 // ---------------------------------------------------------------------------
 // Shared export test images
 // ---------------------------------------------------------------------------
