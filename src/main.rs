@@ -8,7 +8,15 @@ use clap::Parser;
 use runasroot::run::{self, Ended};
 
 fn main() -> ExitCode {
-    let cli = runasroot::cli::Cli::parse();
+    // A usage error is runasroot failing, so 125 as for any other failure
+    // (clap's own default is 2, which a script could have returned).
+    let cli = match runasroot::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(run::EXIT_FAILED) } else { ExitCode::SUCCESS };
+        }
+    };
     let stop = match runasroot::interrupt::install() {
         Ok(stop) => stop,
         Err(e) => {

@@ -230,3 +230,15 @@ fn two_vcpus_give_the_same_bytes_as_one() {
     assert_eq!(listing(l2.as_ref().unwrap()), skeleton_layer());
     assert!(l1 == l2, "--cpus 2 changed the layer");
 }
+
+#[test]
+fn a_usage_error_exits_125_like_any_runasroot_failure() {
+    let dir = scratch();
+    let tmp = subdir(dir.path(), "tmp");
+    let run = runasroot(&["--no-such-flag"], &tmp);
+    assert_eq!(run.code, 125, "{run:?}");
+    assert!(run.stderr.contains("--no-such-flag"), "{run:?}");
+    let run = runasroot(&["--help"], &tmp);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(String::from_utf8_lossy(&run.stdout).contains("--script"));
+}
