@@ -32,8 +32,23 @@ pub fn bin() -> &'static str {
             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
             fs::rename(&tmp, &copy).expect("rename the binary copy");
         }
+        prune_stale_copies(&dir);
         copy.to_string_lossy().into_owned()
     })
+}
+
+/// Removes copies of older builds (a day untouched), so repeated test runs
+/// do not fill the temp dir with binaries.
+fn prune_stale_copies(current: &Path) {
+    let Some(parent) = current.parent() else { return };
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let stale = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age.as_secs() > 24 * 3600);
+        if path != current && stale && entry.file_name().to_string_lossy().starts_with("bin-") {
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
 }
 
 /// A directory under the system temp dir that every user can read,
