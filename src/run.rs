@@ -283,6 +283,9 @@ struct GuestResult {
     output_disk: PathBuf,
     payload_len: u64,
     exit_code: i32,
+    /// sha256 of the payload as the host hashed it (None when the script
+    /// failed and there is no payload). For a layer this is its diff_id.
+    payload_digest: Option<Digest>,
 }
 
 /// Checks the VM flags and picks the launcher before any heavy work, so a
@@ -419,7 +422,7 @@ fn run_guest(
                     return Err(RunError::BadResult(format!("payload of {} bytes does not fit the output disk", outcome.payload_len)));
                 }
             }
-            Ok(GuestResult { output_disk, payload_len: outcome.payload_len, exit_code })
+            Ok(GuestResult { output_disk, payload_len: outcome.payload_len, exit_code, payload_digest: None })
                 .and_then(|r| verify_payload(r, outcome.payload_digest.as_deref()))
         }
     }
@@ -435,14 +438,18 @@ fn hint(kind: FailureKind, vm: &VmArgs) -> String {
     }
 }
 
-/// Hashes the payload on the host and compares with the guest's digest.
-fn verify_payload(r: GuestResult, digest: Option<&str>) -> Result<GuestResult, RunError> {
+/// Hashes the payload on the host, compares with the guest's digest and
+/// keeps it (the new layer's diff_id: no second pass over the layer).
+fn verify_payload(mut r: GuestResult, digest: Option<&str>) -> Result<GuestResult, RunError> {
     if r.exit_code != 0 {
         return Ok(r);
     }
     let found = hash_range(&r.output_disk, contract::PAYLOAD_OFFSET, r.payload_len)?;
     match digest {
-        Some(d) if d == found.as_str() => Ok(r),
+        Some(d) if d == found.as_str() => {
+            r.payload_digest = Some(found);
+            Ok(r)
+        }
         other => Err(RunError::BadResult(format!("payload digest {found} differs from the guest's {other:?}"))),
     }
 }
@@ -543,7 +550,7 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
     ui.phase("writing the new image");
     let layer_path = temp.path().join("layer.tar");
     extract_payload(&result, &layer_path)?;
-    let diff_id = hash_range(&layer_path, 0, result.payload_len)?;
+    let diff_id = result.payload_digest.clone().expect("a script that exited 0 has a verified payload");
     if let Some(target) = &layer_out {
         write_payload(&result, target)?;
     }
