@@ -181,7 +181,8 @@ fn child_export(args: &str) {
     let image = runasroot::image::open(img, &opts).unwrap_or_else(|e| panic!("open {img}: {e}"));
     let opened = start.elapsed();
     let mut w = BufWriter::with_capacity(1 << 20, fs::File::create(out).unwrap());
-    let export_opts = runasroot::export::ExportOptions { clamp_mtime: None, temp_dir: tmp };
+    let spool = runasroot::layers::Spool { cache: None, temp_dir: &tmp };
+    let export_opts = runasroot::export::ExportOptions { clamp_mtime: None, spool };
     if let Err(e) = runasroot::export::export(&image.layers, &export_opts, &mut w) {
         panic!("export: {e}");
     }

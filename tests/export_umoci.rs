@@ -78,7 +78,8 @@ fn export_image(path: &Path, clamp: Option<u64>, tmp: &Path) -> (Vec<u8>, Export
     let opts = OpenOptions { from_image: None, platform: None, temp_dir: tmp.to_path_buf() };
     let image = open(&path.display().to_string(), &opts).unwrap_or_else(|e| panic!("open {}: {e:?}", path.display()));
     let mut out = BufWriter::new(Vec::new());
-    let stats = export(&image.layers, &ExportOptions { clamp_mtime: clamp, temp_dir: tmp.to_path_buf() }, &mut out)
+    let spool = runasroot::layers::Spool { cache: None, temp_dir: tmp };
+    let stats = export(&image.layers, &ExportOptions { clamp_mtime: clamp, spool }, &mut out)
         .unwrap_or_else(|e| panic!("export {}: {e}", path.display()));
     (out.into_inner().unwrap(), stats)
 }

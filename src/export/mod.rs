@@ -1,124 +1,52 @@
 //! Host streaming export: flatten an image's layers into one rootfs tar
 //! with no VM, no root and no extraction to a directory.
 //!
-//! Two passes:
-//! 1. `read.rs`: every layer's tar headers are read (layers in parallel),
-//!    its uncompressed bytes checked against the config's diff_id; an
-//!    uncompressed layer stays where the image stores it (and is not
-//!    hashed again when `image::open` already measured its bytes as the
-//!    diff_id: only its headers are read), a compressed one is hashed and
-//!    spooled decompressed to an unnamed temporary file.
-//!    Each layer becomes a `LayerTree` (paths, metadata and data
-//!    offsets, never data), merged bottom first into one
-//!    `Merged` by the overlayfs rules `tree.rs` states.
-//! 2. `write.rs`: the merged tree is walked depth first and written with
-//!    the shared deterministic [`tarfmt`](runasroot_guest::tarfmt) writer,
-//!    file data read by offset.
+//! The layers are read and merged once by [`crate::layers`] (the same
+//! merge that feeds the guest's EROFS lower); this module walks the merged
+//! tree depth first and writes it with the shared deterministic
+//! [`tarfmt`](runasroot_guest::tarfmt) writer, reading each file's bytes
+//! by offset from where its layer's uncompressed tar is (the image's own
+//! file, or the spool).
 //!
 //! Memory grows with the number of entries, never with file sizes. The
 //! result is byte for byte what the in-VM engine (tar of the merged
 //! overlay view) writes for the same image.
 
-mod read;
-mod tree;
 mod write;
 
-use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
 
-use crate::image::{Digest, Layer};
-
-/// At most this many layers are read at once: reading is CPU-bound
-/// (hashing, decompressing) and each reader holds a few buffers.
-const MAX_READERS: usize = 8;
+use crate::image::Layer;
+use crate::layers::{self, IndexStats, LayerError, Spool};
 
 /// How to export.
-#[derive(Debug, Clone)]
-pub struct ExportOptions {
+#[derive(Debug, Clone, Copy)]
+pub struct ExportOptions<'a> {
     /// SOURCE_DATE_EPOCH: no mtime in the export is later than this.
     pub clamp_mtime: Option<u64>,
-    /// Where compressed layers are spooled decompressed (unnamed files,
-    /// gone when the export ends, however it ends).
-    pub temp_dir: PathBuf,
+    /// Where compressed layers are decompressed to.
+    pub spool: Spool<'a>,
 }
 
 /// What an export did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ExportStats {
-    pub layers: usize,
+    pub index: IndexStats,
     /// Entries written (directories, files, links, devices).
     pub entries: u64,
     /// Of those, hard links to an earlier entry.
     pub hardlinks: u64,
-    /// Hard links whose target was in a lower layer, written as copies.
-    pub materialised_links: u64,
     /// File content written.
     pub data_bytes: u64,
     /// The whole tar written.
     pub tar_bytes: u64,
-    /// Decompressed bytes spooled to temporary files.
-    pub spooled_bytes: u64,
 }
 
-/// Why an export failed. `layer` reads like `layer 2 (blobs/sha256/…)`.
+/// Why an export failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("cannot open {layer} at {path}")]
-    OpenLayer {
-        layer: String,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot read {layer}: its bytes are truncated, corrupt or not a tar (of the compression detected)")]
-    ReadLayer {
-        layer: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "cannot spool the decompressed {layer} to a temporary file in {dir}: \
-         point TMPDIR at a writable directory with room for the uncompressed layer"
-    )]
-    Spool {
-        layer: String,
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{layer} is corrupt: its uncompressed tar has digest {found}, the image config says {expected}")]
-    DiffIdMismatch { layer: String, expected: Digest, found: Digest },
-    #[error("{layer}: entry {entry:?}: {reason}")]
-    BadPath { layer: String, entry: String, reason: &'static str },
-    #[error("{layer}: entry {entry:?}: invalid header field {field}")]
-    BadHeader {
-        layer: String,
-        entry: String,
-        field: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{layer}: entry {entry:?}: {what} entries are not supported in an image layer")]
-    UnsupportedEntry { layer: String, entry: String, what: String },
-    #[error("{layer}: entry {entry:?}: invalid whiteout name (a bare \".wh.\")")]
-    InvalidWhiteout { layer: String, entry: String },
-    #[error(
-        "{layer}: entry {entry}: its parent {parent} is not a directory in this layer \
-         (refusing to write through a symlink or a file)"
-    )]
-    ParentNotDirectory { layer: String, entry: String, parent: String },
-    #[error(
-        "{layer}: entry {entry} writes into {path}, which is a symlink or a file in the layers below \
-         (refusing to follow it: the layer must replace {path} with a directory entry first)"
-    )]
-    WritesIntoNonDirectory { layer: String, entry: String, path: String },
-    #[error("{layer}: hard link {entry} -> {target}: the target is a directory")]
-    HardlinkToDirectory { layer: String, entry: String, target: String },
-    #[error("{layer}: hard link {entry} -> {target}: no regular file at that path in this layer or the layers below")]
-    HardlinkTargetMissing { layer: String, entry: String, target: String },
+    #[error(transparent)]
+    Layers(#[from] LayerError),
     #[error("cannot read the content of {entry} from {layer}")]
     ReadData {
         layer: String,
@@ -142,95 +70,27 @@ pub enum ExportError {
 /// An uncompressed layer whose `blob_digest` equals its `diff_id` is
 /// trusted to hash to it (`image::open` computes `blob_digest` over the
 /// stored bytes, which for such a layer are the tar); any other layer is
-/// hashed here and a mismatch is [`ExportError::DiffIdMismatch`].
-pub fn export(layers: &[Layer], opts: &ExportOptions, out: &mut dyn Write) -> Result<ExportStats, ExportError> {
-    let indexed = index_layers(layers, &opts.temp_dir)?;
+/// hashed here and a mismatch is [`LayerError::DiffIdMismatch`].
+pub fn export(layers: &[Layer], opts: &ExportOptions<'_>, out: &mut dyn Write) -> Result<ExportStats, ExportError> {
+    let indexed = layers::index(layers, opts.spool)?;
     let written = write::write_tar(&indexed.merged, &indexed.sources, opts.clamp_mtime, out)?;
+    indexed.check_unchanged()?;
     Ok(ExportStats {
-        layers: layers.len(),
+        index: indexed.stats,
         entries: written.entries,
         hardlinks: written.hardlinks,
-        materialised_links: indexed.materialised_links,
         data_bytes: written.data_bytes,
         tar_bytes: written.tar_bytes,
-        spooled_bytes: indexed.spooled_bytes,
     })
-}
-
-/// How a layer is named in errors.
-fn label(layer: &Layer) -> String {
-    format!("layer {} ({})", layer.index, layer.name)
-}
-
-/// Pass 1's result.
-struct Indexed {
-    merged: tree::Merged,
-    /// Where each layer's uncompressed tar is, by position in `layers`.
-    sources: Vec<read::Source>,
-    materialised_links: u64,
-    spooled_bytes: u64,
-}
-
-/// Reads the layers in parallel and merges them in order as they arrive,
-/// so the first error in layer order is the one reported, whatever the
-/// timing.
-fn index_layers(layers: &[Layer], temp_dir: &Path) -> Result<Indexed, ExportError> {
-    let readers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_READERS).min(layers.len());
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let (tx, rx) = mpsc::channel();
-        for _ in 0..readers {
-            let tx = tx.clone();
-            let (next, stop) = (&next, &stop);
-            s.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= layers.len() || stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let r = read::read_layer(&layers[i], i as u32, temp_dir, stop);
-                if tx.send((i, r)).is_err() {
-                    break;
-                }
-            });
-        }
-        drop(tx);
-        let merged = merge_in_order(layers, rx);
-        if merged.is_err() {
-            stop.store(true, Ordering::Relaxed);
-        }
-        merged
-    })
-}
-
-fn merge_in_order(
-    layers: &[Layer],
-    rx: mpsc::Receiver<(usize, Result<read::ReadLayer, ExportError>)>,
-) -> Result<Indexed, ExportError> {
-    let mut indexed =
-        Indexed { merged: tree::Merged::new(), sources: Vec::with_capacity(layers.len()), materialised_links: 0, spooled_bytes: 0 };
-    let mut pending = BTreeMap::new();
-    for (i, r) in rx {
-        pending.insert(i, r);
-        while let Some(r) = pending.remove(&indexed.sources.len()) {
-            let layer = r?;
-            let i = indexed.sources.len();
-            indexed.materialised_links += indexed.merged.apply(layer.tree, &label(&layers[i]))?;
-            indexed.spooled_bytes += layer.spooled_bytes;
-            indexed.sources.push(layer.source);
-        }
-    }
-    // Every reader sent its layer or stopped because of an error above.
-    assert_eq!(indexed.sources.len(), layers.len(), "a layer reader stopped without a result");
-    Ok(indexed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::{BlobRef, Compression};
+    use crate::image::{BlobRef, Compression, Digest};
     use sha2::{Digest as _, Sha256};
     use std::io::Read;
+    use std::path::Path;
 
     /// One entry of a test layer tar.
     #[derive(Clone)]
@@ -328,10 +188,13 @@ mod tests {
                 diff_id: sha(tar),
                 compression: *c,
                 name: format!("l{i}/layer.tar"),
+                stored_identity: crate::image::FileId { dev: 0, ino: 0, size: 0, mtime_ns: 0, ctime_ns: 0 },
             });
             all.extend_from_slice(&stored);
         }
         std::fs::write(&path, all).unwrap();
+        let identity = crate::image::FileId::of_path(&path).unwrap();
+        out.iter_mut().for_each(|l| l.stored_identity = identity.clone());
         out
     }
 
@@ -350,7 +213,8 @@ mod tests {
         let mut layers = layers(dir.path(), tars);
         tweak(&mut layers);
         let mut out = Vec::new();
-        let stats = export(&layers, &ExportOptions { clamp_mtime: clamp, temp_dir: spool.clone() }, &mut out)?;
+        let opts = ExportOptions { clamp_mtime: clamp, spool: Spool { cache: None, temp_dir: &spool } };
+        let stats = export(&layers, &opts, &mut out)?;
         assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "spool files left behind");
         Ok((out, stats))
     }
@@ -451,13 +315,11 @@ mod tests {
         assert_eq!(
             stats,
             ExportStats {
-                layers: 2,
+                index: IndexStats { layers: 2, materialised_links: 1, ..IndexStats::default() },
                 entries: want.len() as u64,
                 hardlinks: 1,
-                materialised_links: 1,
                 data_bytes: 5 + 4 + 1 + 5 + 1 + 1,
                 tar_bytes: out.len() as u64,
-                spooled_bytes: 0,
             }
         );
     }
@@ -470,7 +332,7 @@ mod tests {
         for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
             let (out, stats) = run(&[(base.clone(), c), (top.clone(), c)], None).unwrap();
             let spooled = if c == Compression::None { 0 } else { (base.len() + top.len()) as u64 };
-            assert_eq!(stats.spooled_bytes, spooled, "{c:?}");
+            assert_eq!(stats.index.spooled_bytes, spooled, "{c:?}");
             outputs.push(out);
         }
         // An uncompressed layer the image reader did not measure is hashed
@@ -576,7 +438,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let mut ls = layers(dir.path(), &tars);
             tweak(&mut ls);
-            let opts = ExportOptions { clamp_mtime: None, temp_dir: dir.path().to_path_buf() };
+            let opts = ExportOptions { clamp_mtime: None, spool: Spool { cache: None, temp_dir: dir.path() } };
             let err = export(&ls, &opts, &mut Vec::new()).unwrap_err();
             assert_eq!(err.to_string(), want, "{name}");
         }
@@ -586,9 +448,43 @@ mod tests {
     fn an_unusable_temp_dir_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let ls = layers(dir.path(), &[(tar_of(&[file("f", "x")]), Compression::Gzip)]);
-        let opts = ExportOptions { clamp_mtime: None, temp_dir: dir.path().join("missing") };
+        let missing = dir.path().join("missing");
+        let opts = ExportOptions { clamp_mtime: None, spool: Spool { cache: None, temp_dir: &missing } };
         let err = export(&ls, &opts, &mut Vec::new()).unwrap_err();
-        assert!(matches!(&err, ExportError::Spool { dir: d, .. } if d == &dir.path().join("missing")), "{err}");
+        assert!(matches!(&err, ExportError::Layers(LayerError::Spool { dir: d, .. }) if d == &missing), "{err}");
+    }
+
+    #[test]
+    fn the_cache_spares_a_second_decompression_and_rebuilds_a_corrupted_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tar_of(&[dir("a"), file("a/f", &"data".repeat(50_000))]);
+        let top = tar_of(&[file("a/g", "g")]);
+        let ls = layers(tmp.path(), &[(base.clone(), Compression::Gzip), (top.clone(), Compression::Zstd)]);
+        let loc = crate::cache::Location { runasroot_cache: Some(tmp.path().join("c").display().to_string()), ..Default::default() };
+        let cache = crate::cache::Cache::open(&loc).unwrap();
+        let temp = tmp.path().join("t");
+        std::fs::create_dir(&temp).unwrap();
+        let opts = ExportOptions { clamp_mtime: None, spool: Spool { cache: Some(&cache), temp_dir: &temp } };
+        let run = || {
+            let mut out = Vec::new();
+            let stats = export(&ls, &opts, &mut out).unwrap();
+            (out, stats.index)
+        };
+        let (first, s1) = run();
+        assert_eq!((s1.spooled_bytes, s1.cache_hits, s1.cache_rebuilt), ((base.len() + top.len()) as u64, 0, 0));
+        let (second, s2) = run();
+        assert_eq!((s2.spooled_bytes, s2.cache_hits, s2.cache_rebuilt), (0, 2, 0));
+        assert_eq!(first, second);
+        // Damage the base layer's entry: found, refused, made anew.
+        let entry = cache.dir().join(format!("{}.tar", ls[0].blob_digest.hex()));
+        let mut bytes = std::fs::read(&entry).unwrap();
+        bytes[2000] ^= 1;
+        std::fs::write(&entry, bytes).unwrap();
+        let (third, s3) = run();
+        assert_eq!((s3.spooled_bytes, s3.cache_hits, s3.cache_rebuilt), (base.len() as u64, 1, 1));
+        assert_eq!(first, third);
+        assert_eq!(std::fs::read(&entry).unwrap(), base);
+        assert_eq!(std::fs::read_dir(&temp).unwrap().count(), 0, "nothing spooled to the temp dir");
     }
 
     #[test]
@@ -608,6 +504,6 @@ mod tests {
         assert_eq!(l.len(), 131);
         assert_eq!(l[0], "d000/ Directory 755 0 1000 0 [] \"\"");
         assert_eq!(l[130], "f Regular 644 0 1000 9 [] \"layer 129\"");
-        assert_eq!(stats.layers, 130);
+        assert_eq!(stats.index.layers, 130);
     }
 }

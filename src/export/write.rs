@@ -6,9 +6,9 @@ use std::os::unix::fs::FileExt;
 
 use runasroot_guest::tarfmt::{Entry, Kind, TarWriter};
 
-use super::read::Source;
-use super::tree::{DataRef, Merged};
 use super::ExportError;
+use crate::layers::tree::{DataRef, Merged};
+use crate::layers::Source;
 
 /// Positioned reads of file data in pieces this big.
 const READ_BUF: usize = 256 << 10;

@@ -11,7 +11,6 @@
 
 mod compress;
 mod digest;
-mod disk;
 mod error;
 mod read;
 mod select;
@@ -21,12 +20,18 @@ mod write;
 use std::io::{self, Read};
 use std::path::PathBuf;
 
-pub use runasroot_guest::contract::Compression;
 
-pub use disk::LayerDisk;
 pub use error::ImageError;
 pub use read::{open, open_with_progress, Image, OpenOptions, SourceFormat};
 pub use write::{write_image, NewLayer, OutputFormat, WriteOptions};
+
+/// How a layer's stored bytes are compressed (detected from the content).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
 
 /// A `sha256:<64 hex>` digest, validated on construction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -69,6 +74,39 @@ pub struct BlobRef {
     pub length: u64,
 }
 
+/// A file as it was when runasroot verified its bytes: if any of this
+/// differs later, the file was replaced or written meanwhile (a write
+/// always moves ctime, which no user can set back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileId {
+    pub fn of(file: &std::fs::File) -> io::Result<FileId> {
+        Ok(FileId::from_meta(&file.metadata()?))
+    }
+
+    pub fn of_path(path: &std::path::Path) -> io::Result<FileId> {
+        Ok(FileId::from_meta(&std::fs::metadata(path)?))
+    }
+
+    fn from_meta(m: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
+}
+
 /// One layer of the selected image, bottom first.
 #[derive(Debug, Clone)]
 pub struct Layer {
@@ -85,6 +123,8 @@ pub struct Layer {
     /// How the source names the layer, for error messages
     /// (`<id>/layer.tar`, `blobs/sha256/…`).
     pub name: String,
+    /// `blob.file` as it was when its bytes were hashed.
+    pub stored_identity: FileId,
 }
 
 impl Layer {

@@ -30,7 +30,7 @@ use super::compress::{self, Detected};
 use super::digest::sha256_range;
 use super::select::{self, Platform};
 use super::store::{read_head, Store};
-use super::{digest, BlobRef, Digest, ImageError, Layer};
+use super::{digest, BlobRef, Digest, FileId, ImageError, Layer};
 
 /// Largest `index.json`, `manifest.json` or OCI manifest/index blob.
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
@@ -762,7 +762,7 @@ fn verify_layers(
         }
     }
     let total: u64 = distinct.iter().map(|b| b.length).sum();
-    let mut hashed: HashMap<&BlobRef, Digest> = HashMap::new();
+    let mut hashed: HashMap<&BlobRef, (Digest, FileId)> = HashMap::new();
     let mut done = 0u64;
     let mut files: HashMap<&Path, File> = HashMap::new();
     for (index, l) in r.layers.iter().enumerate() {
@@ -776,15 +776,17 @@ fn verify_layers(
         let file = &files[l.blob.file.as_path()];
         let label = format!("verifying layer {}/{}", index + 1, r.layers.len());
         let start = done;
+        // Before the hash: a write during or after it moves the ctime.
+        let identity = FileId::of(file).map_err(|e| read_err(index, l, e))?;
         let found = sha256_range(file, l.blob.offset, l.blob.length, &mut |n| progress(&label, start + n, total))
             .map_err(|e| read_err(index, l, e))?;
         done += l.blob.length;
-        hashed.insert(&l.blob, found);
+        hashed.insert(&l.blob, (found, identity));
     }
 
     let mut layers = vec![];
     for (index, (l, compression)) in r.layers.iter().zip(codecs).enumerate() {
-        let found = hashed[&l.blob].clone();
+        let (found, stored_identity) = hashed[&l.blob].clone();
         if let Some(expected) = &l.digest {
             if &found != expected {
                 return Err(ImageError::DigestMismatch {
@@ -812,6 +814,7 @@ fn verify_layers(
             diff_id: diff_ids[index].clone(),
             compression,
             name: l.name.clone(),
+            stored_identity,
         });
     }
     Ok(layers)

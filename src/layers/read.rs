@@ -1,27 +1,30 @@
-//! Pass 1: read one layer's tar headers into a [`LayerTree`], hashing the
-//! uncompressed stream against the layer's diff_id.
+//! Read one layer's tar headers into a [`LayerTree`], hashing the
+//! uncompressed stream against the layer's diff_id: the only tar decoder
+//! of image layers in runasroot.
 //!
 //! An uncompressed layer is read where the image stores it (a byte range
 //! of the archive or a blob file) and its file data is later read from
-//! there by offset. When the image reader has already measured those very
-//! bytes (`blob_digest`, which `image::open` computes over every stored
-//! blob) and they are the diff_id, only the headers are read: file data
-//! is seeked over, not read twice nor hashed twice. A compressed layer is
-//! decompressed once, and the uncompressed tar spooled to an unnamed
-//! temporary file that pass 2 reads by offset; the file disappears when
-//! the export is done.
+//! there by offset (by the export's tar writer, or by the guest through
+//! the EROFS lower). When the image reader has already measured those
+//! very bytes (`blob_digest`, which `image::open` computes over every
+//! stored blob) and they are the diff_id, only the headers are read: file
+//! data is seeked over, not read twice nor hashed twice. A compressed
+//! layer is decompressed once into the spool cache (or, without one, a
+//! temporary file), hashing it on the way; a later run finds the cache
+//! entry and hashes it again instead of decompressing.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest as _, Sha256};
 
 use super::tree::{normalize, Content, EntryKind, Inode, LayerTree, Meta};
-use super::{label, ExportError};
-use crate::image::{Compression, Digest, Layer};
+use super::{label, LayerError};
+use crate::cache::{self, Cache};
+use crate::image::{Compression, Digest, FileId, Layer};
 use runasroot_guest::tarfmt::MODE_BITS;
 use runasroot_guest::whiteout::{self, Name};
 
@@ -35,14 +38,51 @@ const HEADER_BUF: usize = 64 << 10;
 /// How often (in entries) a reader checks whether another layer failed.
 const STOP_CHECK_EVERY: usize = 256;
 
+/// Where decompressed layers go: the spool cache when there is one, else
+/// a temporary file in `temp_dir` (named, so a launcher can open it; gone
+/// with the run's temporary directory).
+#[derive(Debug, Clone, Copy)]
+pub struct Spool<'a> {
+    pub cache: Option<&'a Cache>,
+    pub temp_dir: &'a Path,
+}
+
 /// Where a layer's uncompressed tar can be read by offset.
 #[derive(Debug)]
 pub(crate) struct Source {
     pub file: File,
-    /// Offset of the tar's first byte in `file`.
+    /// The file by name, for launchers that open it themselves.
+    pub path: PathBuf,
+    /// Offset of the tar's first byte in `file`, and its length.
     pub base: u64,
+    pub len: u64,
     /// How the layer is named in errors.
     pub label: String,
+    /// The file as it was when its bytes were verified.
+    pub identity: FileId,
+    pub origin: Origin,
+    /// Keeps a cache entry held or a temporary spool alive.
+    _keep: Keep,
+}
+
+/// Where a source's bytes came from this run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The image's own file, read in place.
+    Stored,
+    /// A cache entry made by an earlier run, checked again now.
+    CacheHit,
+    /// Decompressed now into the cache (`rebuilt`: over a corrupted entry).
+    CacheNew { rebuilt: bool },
+    /// Decompressed now into a temporary file.
+    Temp,
+}
+
+#[derive(Debug)]
+enum Keep {
+    Nothing,
+    Entry(#[allow(dead_code)] cache::Entry),
+    Temp(#[allow(dead_code)] tempfile::TempPath),
 }
 
 /// One layer, read.
@@ -50,81 +90,276 @@ pub(crate) struct Source {
 pub(crate) struct ReadLayer {
     pub tree: LayerTree,
     pub source: Source,
+    /// Decompressed bytes written this run (to the cache or a temp file).
     pub spooled_bytes: u64,
 }
 
-/// Reads layer `layer` (the `source`-th of the export) into a tree.
-pub(crate) fn read_layer(layer: &Layer, source: u32, temp_dir: &Path, stop: &AtomicBool) -> Result<ReadLayer, ExportError> {
+/// Reads layer `layer` (the `source`-th of the index) into a tree.
+pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &AtomicBool) -> Result<ReadLayer, LayerError> {
     let label = label(layer);
-    let file = File::open(&layer.blob.file).map_err(|e| ExportError::OpenLayer {
-        layer: label.clone(),
-        path: layer.blob.file.clone(),
-        source: e,
-    })?;
-    if layer.compression == Compression::None && layer.blob_digest == layer.diff_id {
-        let tree = {
+    let open_err = |path: &Path, e| LayerError::OpenLayer { layer: label.clone(), path: path.to_path_buf(), source: e };
+    let file = File::open(&layer.blob.file).map_err(|e| open_err(&layer.blob.file, e))?;
+    let stored = |file: File, tree| -> Result<ReadLayer, LayerError> {
+        let identity = layer.stored_identity.clone();
+        let source = Source {
+            file,
+            path: layer.blob.file.clone(),
+            base: layer.blob.offset,
+            len: layer.blob.length,
+            label: label.clone(),
+            identity,
+            origin: Origin::Stored,
+            _keep: Keep::Nothing,
+        };
+        Ok(ReadLayer { tree, source, spooled_bytes: 0 })
+    };
+    if layer.compression == Compression::None {
+        let tree = if layer.blob_digest == layer.diff_id {
             let reader = SkippingReader::new(&file, layer.blob.offset, layer.blob.length);
             let mut archive = tar::Archive::new(reader);
             let entries = archive.entries_with_seek().map_err(|e| read_error(&label, e))?;
-            index_entries(entries, source, &label, stop)?
+            index_entries(entries, source, &label, stop, TarKind::Layer)?
+        } else {
+            let range = RangeReader { file: &file, pos: layer.blob.offset, end: layer.blob.offset.saturating_add(layer.blob.length) };
+            hash_and_parse(Box::new(range), None, layer, source, &label, stop)?.0
         };
-        return Ok(ReadLayer { tree, source: Source { file, base: layer.blob.offset, label }, spooled_bytes: 0 });
+        return stored(file, tree);
     }
-    let range = RangeReader { file: &file, pos: layer.blob.offset, end: layer.blob.offset.saturating_add(layer.blob.length) };
-    let spool = match layer.compression {
-        Compression::None => None,
-        _ => Some(BufWriter::with_capacity(
-            BUF,
-            tempfile::tempfile_in(temp_dir).map_err(|e| spool_error(&label, temp_dir, e))?,
-        )),
+    let mut rebuilt = false;
+    if let Some(cache) = spool.cache {
+        let cache_err = |e| LayerError::Cache { layer: label.clone(), dir: cache.dir().to_path_buf(), source: e };
+        if let Some(entry) = cache.get(&layer.blob_digest).map_err(cache_err)? {
+            match read_cached(entry, layer, source, &label, stop)? {
+                Ok(read) => return Ok(read),
+                Err(bad) => {
+                    bad.discard().map_err(cache_err)?;
+                    rebuilt = true;
+                }
+            }
+        }
+        match cache.make(&layer.blob_digest).map_err(cache_err)? {
+            cache::Made::Existing(entry) => {
+                if let Ok(read) = read_cached(entry, layer, source, &label, stop)? {
+                    return Ok(read);
+                }
+                return Err(LayerError::CacheCorrupt { layer: label.clone(), dir: cache.dir().to_path_buf() });
+            }
+            cache::Made::New(mut pending) => {
+                let (tree, len) = {
+                    let out = BufWriter::with_capacity(BUF, &mut *pending.file());
+                    decompress(&file, layer, out, source, &label, stop, cache.dir())?
+                };
+                let entry = pending.commit(cache).map_err(cache_err)?;
+                let identity = FileId::of(&entry.file).map_err(|e| read_error(&label, e))?;
+                let file = entry.file.try_clone().map_err(|e| read_error(&label, e))?;
+                let source = Source {
+                    file,
+                    path: entry.path.clone(),
+                    base: 0,
+                    len,
+                    label,
+                    identity,
+                    origin: Origin::CacheNew { rebuilt },
+                    _keep: Keep::Entry(entry),
+                };
+                return Ok(ReadLayer { tree, source, spooled_bytes: len });
+            }
+        }
+    }
+    let temp = tempfile::Builder::new()
+        .prefix("spool-")
+        .suffix(".tar")
+        .tempfile_in(spool.temp_dir)
+        .map_err(|e| spool_error(&label, spool.temp_dir, e))?;
+    let (spooled, temp_path) = temp.into_parts();
+    let (tree, len) = decompress(&file, layer, BufWriter::with_capacity(BUF, &spooled), source, &label, stop, spool.temp_dir)?;
+    let identity = FileId::of(&spooled).map_err(|e| read_error(&label, e))?;
+    let source = Source {
+        file: spooled,
+        path: temp_path.to_path_buf(),
+        base: 0,
+        len,
+        label,
+        identity,
+        origin: Origin::Temp,
+        _keep: Keep::Temp(temp_path),
     };
+    Ok(ReadLayer { tree, source, spooled_bytes: len })
+}
+
+/// Why a `.wh.` name cannot be copied into a new layer.
+pub(crate) const RESERVED_NAME: &str = "names starting with .wh. are reserved for whiteouts in an image layer";
+
+/// A content tar (--copy-to-root), read: its tree, and the file its data
+/// is read from by offset (the tar itself, or its decompressed spool).
+#[derive(Debug)]
+pub(crate) struct ContentTar {
+    pub tree: LayerTree,
+    pub data: PathBuf,
+    /// The decompressed copy, removed when dropped.
+    pub spool: Option<tempfile::TempPath>,
+}
+
+/// Reads a plain, gzip or zstd tar of content; `source` is the id its
+/// files' data are tagged with.
+pub(crate) fn read_content_tar(path: &Path, source: u32, label: &str, temp_dir: &Path) -> Result<ContentTar, LayerError> {
+    let open_err = |e| LayerError::OpenLayer { layer: label.to_string(), path: path.to_path_buf(), source: e };
+    let file = File::open(path).map_err(open_err)?;
+    let len = file.metadata().map_err(open_err)?.len();
+    let mut magic = [0u8; 4];
+    let n = file.read_at(&mut magic, 0).map_err(open_err)?;
+    let compression = match &magic[..n] {
+        [0x1f, 0x8b, ..] => Compression::Gzip,
+        [0x28, 0xb5, 0x2f, 0xfd] => Compression::Zstd,
+        _ => Compression::None,
+    };
+    let never = AtomicBool::new(false);
+    if compression == Compression::None {
+        let mut archive = tar::Archive::new(SkippingReader::new(&file, 0, len));
+        let entries = archive.entries_with_seek().map_err(|e| read_error(label, e))?;
+        let tree = index_entries(entries, source, label, &never, TarKind::Content)?;
+        return Ok(ContentTar { tree, data: path.to_path_buf(), spool: None });
+    }
+    let temp = tempfile::Builder::new()
+        .prefix("copy-")
+        .suffix(".tar")
+        .tempfile_in(temp_dir)
+        .map_err(|e| spool_error(label, temp_dir, e))?;
+    let (spooled, temp_path) = temp.into_parts();
+    let range = BufReader::with_capacity(BUF, RangeReader { file: &file, pos: 0, end: len });
+    let decoded: Box<dyn Read> = match compression {
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(range)),
+        _ => Box::new(zstd::stream::read::Decoder::with_buffer(range).map_err(|e| read_error(label, e))?),
+    };
+    let mut out = BufWriter::with_capacity(BUF, &spooled);
+    let mut tee = Tee { inner: decoded, hasher: Sha256::new(), len: 0, spool: Some(&mut out), spool_error: None };
+    let parsed = {
+        let mut archive = tar::Archive::new(BufReader::with_capacity(BUF, &mut tee));
+        archive
+            .entries()
+            .map_err(|e| read_error(label, e))
+            .and_then(|entries| index_entries(entries, source, label, &never, TarKind::Content))
+    };
+    if let Some(e) = tee.spool_error.take() {
+        return Err(spool_error(label, temp_dir, e));
+    }
+    let tree = parsed?;
+    drop(tee);
+    out.flush().map_err(|e| spool_error(label, temp_dir, e))?;
+    Ok(ContentTar { tree, data: temp_path.to_path_buf(), spool: Some(temp_path) })
+}
+
+/// Reads a cache entry as the layer's uncompressed tar, hashing all of it:
+/// `Ok(Err(entry))` when it does not hash to the diff_id (corrupted).
+fn read_cached(
+    entry: cache::Entry,
+    layer: &Layer,
+    source: u32,
+    label: &str,
+    stop: &AtomicBool,
+) -> Result<Result<ReadLayer, cache::Entry>, LayerError> {
+    let len = entry.file.metadata().map_err(|e| read_error(label, e))?.len();
+    let range = RangeReader { file: &entry.file, pos: 0, end: len };
+    match hash_and_parse(Box::new(range), None, layer, source, label, stop) {
+        Ok((tree, _)) => {
+            let identity = FileId::of(&entry.file).map_err(|e| read_error(label, e))?;
+            let file = entry.file.try_clone().map_err(|e| read_error(label, e))?;
+            let source = Source {
+                file,
+                path: entry.path.clone(),
+                base: 0,
+                len,
+                label: label.to_string(),
+                identity,
+                origin: Origin::CacheHit,
+                _keep: Keep::Entry(entry),
+            };
+            Ok(Ok(ReadLayer { tree, source, spooled_bytes: 0 }))
+        }
+        // A tar that does not parse or hash right: the entry is damaged
+        // (the compressed blob it came from was verified when it was made).
+        Err(LayerError::DiffIdMismatch { .. } | LayerError::ReadLayer { .. }) => Ok(Err(entry)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Decompresses the layer's stored bytes into `out`, hashing and indexing
+/// them on the way; returns the tree and the uncompressed length.
+fn decompress<W: Write>(
+    file: &File,
+    layer: &Layer,
+    out: BufWriter<W>,
+    source: u32,
+    label: &str,
+    stop: &AtomicBool,
+    spool_dir: &Path,
+) -> Result<(LayerTree, u64), LayerError> {
+    let range = RangeReader { file, pos: layer.blob.offset, end: layer.blob.offset.saturating_add(layer.blob.length) };
     let decoded: Box<dyn Read + '_> = match layer.compression {
         Compression::None => Box::new(range),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(BUF, range))),
         Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(BUF, range))
-                .map_err(|e| read_error(&label, e))?,
+            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(BUF, range)).map_err(|e| read_error(label, e))?,
         ),
     };
-    let mut tee = Tee { inner: decoded, hasher: Sha256::new(), len: 0, spool, spool_error: None };
-    let parsed = parse(&mut tee, source, &label, stop);
-    if let Some(e) = tee.spool_error.take() {
-        return Err(spool_error(&label, temp_dir, e));
+    let mut spool: Box<dyn Write + '_> = Box::new(out);
+    let (tree, len) = hash_and_parse(decoded, Some((&mut *spool, spool_dir)), layer, source, label, stop)?;
+    spool.flush().map_err(|e| spool_error(label, spool_dir, e))?;
+    Ok((tree, len))
+}
+
+/// Parses the tar on `stream` while hashing it (and copying it to
+/// `spool`), then checks the hash against the layer's diff_id.
+fn hash_and_parse(
+    stream: Box<dyn Read + '_>,
+    spool: Option<(&mut dyn Write, &Path)>,
+    layer: &Layer,
+    source: u32,
+    label: &str,
+    stop: &AtomicBool,
+) -> Result<(LayerTree, u64), LayerError> {
+    let (spool, spool_dir) = match spool {
+        Some((w, d)) => (Some(w), Some(d)),
+        None => (None, None),
+    };
+    let mut tee = Tee { inner: stream, hasher: Sha256::new(), len: 0, spool, spool_error: None };
+    let parsed = parse(&mut tee, source, label, stop);
+    if let (Some(e), Some(dir)) = (tee.spool_error.take(), spool_dir) {
+        return Err(spool_error(label, dir, e));
     }
     let tree = parsed?;
     let found = Digest::from_sha256(&tee.hasher.finalize_reset());
     if found != layer.diff_id {
-        return Err(ExportError::DiffIdMismatch { layer: label, expected: layer.diff_id.clone(), found });
+        return Err(LayerError::DiffIdMismatch { layer: label.to_string(), expected: layer.diff_id.clone(), found });
     }
-    let spooled_bytes = if tee.spool.is_some() { tee.len } else { 0 };
-    let source = match tee.spool.take() {
-        None => {
-            drop(tee);
-            Source { file, base: layer.blob.offset, label }
-        }
-        Some(w) => {
-            let spooled = w.into_inner().map_err(|e| spool_error(&label, temp_dir, e.into_error()))?;
-            Source { file: spooled, base: 0, label }
-        }
-    };
-    Ok(ReadLayer { tree, source, spooled_bytes })
+    Ok((tree, tee.len))
 }
 
-fn spool_error(label: &str, dir: &Path, source: io::Error) -> ExportError {
-    ExportError::Spool { layer: label.to_string(), dir: dir.to_path_buf(), source }
+fn spool_error(label: &str, dir: &Path, source: io::Error) -> LayerError {
+    LayerError::Spool { layer: label.to_string(), dir: dir.to_path_buf(), source }
 }
 
-fn read_error(label: &str, source: io::Error) -> ExportError {
-    ExportError::ReadLayer { layer: label.to_string(), source }
+fn read_error(label: &str, source: io::Error) -> LayerError {
+    LayerError::ReadLayer { layer: label.to_string(), source }
 }
 
 /// Parses the tar on `stream` (to its very end: the digest covers the
 /// padding after the end-of-archive blocks too).
-fn parse(stream: &mut dyn Read, source: u32, label: &str, stop: &AtomicBool) -> Result<LayerTree, ExportError> {
+fn parse(stream: &mut dyn Read, source: u32, label: &str, stop: &AtomicBool) -> Result<LayerTree, LayerError> {
     let mut archive = tar::Archive::new(BufReader::with_capacity(BUF, stream));
-    let tree = index_entries(archive.entries().map_err(|e| read_error(label, e))?, source, label, stop)?;
+    let tree = index_entries(archive.entries().map_err(|e| read_error(label, e))?, source, label, stop, TarKind::Layer)?;
     io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(|e| read_error(label, e))?;
     Ok(tree)
+}
+
+/// What a tar is read as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TarKind {
+    /// An image layer: `.wh.` names are whiteouts.
+    Layer,
+    /// Content to place (--copy-to-root): `.wh.` names are refused, since
+    /// the new layer could not carry them as files.
+    Content,
 }
 
 fn index_entries<R: Read>(
@@ -132,15 +367,16 @@ fn index_entries<R: Read>(
     source: u32,
     label: &str,
     stop: &AtomicBool,
-) -> Result<LayerTree, ExportError> {
+    kind: TarKind,
+) -> Result<LayerTree, LayerError> {
     let mut tree = LayerTree::new();
     for (n, entry) in entries.enumerate() {
         if n % STOP_CHECK_EVERY == 0 && stop.load(Ordering::Relaxed) {
             return Err(read_error(label, io::Error::other("stopped: another layer failed")));
         }
         let mut entry = entry.map_err(|e| read_error(label, e))?;
-        if let Some((path, kind)) = convert(&mut entry, source, label)? {
-            tree.insert(&path, kind, label)?;
+        if let Some((path, entry_kind)) = convert(&mut entry, source, label, kind)? {
+            tree.insert(&path, entry_kind, label)?;
         }
     }
     Ok(tree)
@@ -148,21 +384,29 @@ fn index_entries<R: Read>(
 
 /// What a tar entry says, as a normalised path and an [`EntryKind`];
 /// `None` for entries that describe no file (PAX global headers).
-fn convert<R: Read>(entry: &mut tar::Entry<'_, R>, source: u32, label: &str) -> Result<Option<(Vec<u8>, EntryKind)>, ExportError> {
+fn convert<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    source: u32,
+    label: &str,
+    tar_kind: TarKind,
+) -> Result<Option<(Vec<u8>, EntryKind)>, LayerError> {
     let raw = entry.path_bytes().into_owned();
     let name = || String::from_utf8_lossy(&raw).into_owned();
-    let bad_path = |reason| ExportError::BadPath { layer: label.to_string(), entry: name(), reason };
+    let bad_path = |reason| LayerError::BadPath { layer: label.to_string(), entry: name(), reason };
     let header = entry.header().clone();
     let entry_type = header.entry_type();
     if entry_type.is_pax_global_extensions() {
         return Ok(None);
     }
     let path = normalize(&raw).map_err(bad_path)?;
+    if tar_kind == TarKind::Content && path.split(|&b| b == b'/').any(|c| c.starts_with(whiteout::PREFIX)) {
+        return Err(bad_path(RESERVED_NAME));
+    }
     let last = path.rsplit(|&b| b == b'/').next().unwrap_or_default();
     if !matches!(whiteout::classify(last), Ok(Name::Plain(_))) {
         return Ok(Some((path, EntryKind::Marker)));
     }
-    let bad_header = |field, e| ExportError::BadHeader { layer: label.to_string(), entry: name(), field, source: e };
+    let bad_header = |field, e| LayerError::BadHeader { layer: label.to_string(), entry: name(), field, source: e };
     // Hard links take their inode's metadata, but a header that cannot be
     // read is refused whatever the entry.
     let meta = read_meta(entry_meta(&header, entry), label, &raw)?;
@@ -208,7 +452,7 @@ fn convert<R: Read>(entry: &mut tar::Entry<'_, R>, source: u32, label: &str) -> 
         tar::EntryType::Fifo => EntryKind::Node(Inode { content: Content::Fifo, meta }),
         other => {
             let what = format!("typeflag {:?}", char::from(other.as_byte()));
-            return Err(ExportError::UnsupportedEntry { layer: label.to_string(), entry: name(), what });
+            return Err(LayerError::UnsupportedEntry { layer: label.to_string(), entry: name(), what });
         }
     };
     Ok(Some((path, kind)))
@@ -250,14 +494,14 @@ fn or_blank<T: Default>(parsed: io::Result<T>, field: &[u8]) -> io::Result<T> {
     parsed.or_else(|e| if field.iter().all(|&b| b == 0 || b == b' ') { Ok(T::default()) } else { Err(e) })
 }
 
-fn read_meta(raw: RawMeta, label: &str, entry: &[u8]) -> Result<Meta, ExportError> {
-    let bad = |field, e| ExportError::BadHeader {
+fn read_meta(raw: RawMeta, label: &str, entry: &[u8]) -> Result<Meta, LayerError> {
+    let bad = |field, e| LayerError::BadHeader {
         layer: label.to_string(),
         entry: String::from_utf8_lossy(entry).into_owned(),
         field,
         source: e,
     };
-    let id = |field, v: io::Result<u64>| -> Result<u32, ExportError> {
+    let id = |field, v: io::Result<u64>| -> Result<u32, LayerError> {
         let v = v.map_err(|e| bad(field, e))?;
         // u32::MAX is chown's "leave unchanged": not an owner.
         u32::try_from(v)
@@ -394,16 +638,16 @@ impl Seek for SkippingReader<'_> {
 
 /// Hashes (and spools, for a compressed layer) the uncompressed stream as
 /// the tar parser reads it.
-struct Tee<R> {
+struct Tee<'w, R> {
     inner: R,
     hasher: Sha256,
     len: u64,
-    spool: Option<BufWriter<File>>,
+    spool: Option<&'w mut dyn Write>,
     /// A failed spool write, told apart from a bad layer.
     spool_error: Option<io::Error>,
 }
 
-impl<R: Read> Read for Tee<R> {
+impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);

@@ -35,7 +35,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use runasroot_guest::tarfmt::{self, Entry, Kind};
 use runasroot_guest::whiteout::{self, Name};
 
-use super::ExportError;
+use super::LayerError;
 
 /// Metadata of a file, directory or link, as the image gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,13 +160,13 @@ impl LayerTree {
 
     /// Applies one entry. `path` is normalised (see [`normalize`]); empty
     /// means the root directory.
-    pub fn insert(&mut self, path: &[u8], kind: EntryKind, layer: &str) -> Result<(), ExportError> {
+    pub fn insert(&mut self, path: &[u8], kind: EntryKind, layer: &str) -> Result<(), LayerError> {
         let entry_err = || lossy(path);
         if path.is_empty() {
             // The root has no entry in an export: its metadata is moot.
             return match kind {
                 EntryKind::Dir(_) => Ok(()),
-                _ => Err(ExportError::BadPath {
+                _ => Err(LayerError::BadPath {
                     layer: layer.into(),
                     entry: "/".into(),
                     reason: "the root must be a directory",
@@ -177,7 +177,7 @@ impl LayerTree {
         let (&last, parents) = components.split_last().expect("non-empty path");
         for p in parents {
             if p.starts_with(whiteout::PREFIX) {
-                return Err(ExportError::BadPath {
+                return Err(LayerError::BadPath {
                     layer: layer.into(),
                     entry: entry_err(),
                     reason: "a whiteout name cannot be a directory",
@@ -185,7 +185,7 @@ impl LayerTree {
             }
         }
         let name = whiteout::classify(last)
-            .map_err(|_| ExportError::InvalidWhiteout { layer: layer.into(), entry: entry_err() })?;
+            .map_err(|_| LayerError::InvalidWhiteout { layer: layer.into(), entry: entry_err() })?;
         // A link names what its layer holds *before* this entry applies
         // (the entry may create its parents, never its target).
         let action = match (name, kind) {
@@ -230,9 +230,9 @@ impl LayerTree {
 
     /// The inode a hard link joins: its target's in this layer, else a new
     /// one to be copied from the layers below at merge time.
-    fn link_target(&mut self, target: &[u8], entry: &[u8], layer: &str) -> Result<usize, ExportError> {
+    fn link_target(&mut self, target: &[u8], entry: &[u8], layer: &str) -> Result<usize, LayerError> {
         if target.is_empty() {
-            return Err(ExportError::BadPath {
+            return Err(LayerError::BadPath {
                 layer: layer.into(),
                 entry: lossy(entry),
                 reason: "a hard link to the root directory",
@@ -245,7 +245,7 @@ impl LayerTree {
             match dir.children.get(*c) {
                 Some(LNode::Dir(d)) if i + 1 < components.len() => dir = d,
                 Some(LNode::Dir(_)) => {
-                    return Err(ExportError::HardlinkToDirectory {
+                    return Err(LayerError::HardlinkToDirectory {
                         layer: layer.into(),
                         entry: lossy(entry),
                         target: lossy(target),
@@ -266,7 +266,7 @@ impl LayerTree {
 
     /// The directory an entry goes into, creating the ones the layer only
     /// implies; refuses to go below a non-directory of this layer.
-    fn parent_dir(&mut self, components: &[&[u8]], path: &[u8], layer: &str) -> Result<&mut LDir, ExportError> {
+    fn parent_dir(&mut self, components: &[&[u8]], path: &[u8], layer: &str) -> Result<&mut LDir, LayerError> {
         let parents = &components[..components.len() - 1];
         let whited = &self.whited;
         let mut dir = &mut self.root;
@@ -283,7 +283,7 @@ impl LayerTree {
             dir = match dir.children.get_mut(c) {
                 Some(LNode::Dir(d)) => d,
                 _ => {
-                    return Err(ExportError::ParentNotDirectory {
+                    return Err(LayerError::ParentNotDirectory {
                         layer: layer.into(),
                         entry: lossy(path),
                         parent: lossy(&join(&parents[..=i])),
@@ -299,16 +299,30 @@ impl LayerTree {
 // The merged tree
 // ---------------------------------------------------------------------------
 
+/// A name in the merged tree: a directory, or an inode (by id; several
+/// names may share one: hard links).
 #[derive(Debug)]
-enum MNode {
+pub(crate) enum MNode {
     Dir(Box<MDir>),
     Leaf(usize),
 }
 
+/// A directory of the merged tree.
 #[derive(Debug)]
-struct MDir {
+pub(crate) struct MDir {
     meta: Meta,
     children: BTreeMap<Box<[u8]>, MNode>,
+}
+
+impl MDir {
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The entries, sorted bytewise by name.
+    pub fn children(&self) -> impl Iterator<Item = (&[u8], &MNode)> {
+        self.children.iter().map(|(k, v)| (&**k, v))
+    }
 }
 
 /// The layers applied so far, bottom first.
@@ -330,9 +344,22 @@ impl Merged {
         Merged { root: MDir { meta: Meta::implied_dir(), children: BTreeMap::new() }, inodes: Vec::new() }
     }
 
+    pub fn root(&self) -> &MDir {
+        &self.root
+    }
+
+    pub fn inode(&self, id: usize) -> &Inode {
+        &self.inodes[id]
+    }
+
+    /// How many inodes the tree holds (some may no longer have a name).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
     /// Applies the next layer up; returns how many hard links it
     /// materialised from the layers below.
-    pub fn apply(&mut self, layer: LayerTree, label: &str) -> Result<u64, ExportError> {
+    pub fn apply(&mut self, layer: LayerTree, label: &str) -> Result<u64, LayerError> {
         let base = self.inodes.len();
         let mut copies = 0;
         // Resolve links against the layers below before this layer's
@@ -343,7 +370,7 @@ impl Merged {
                 LInode::Own(i) => i,
                 LInode::Lower { target, entry } => {
                     copies += 1;
-                    self.regular_file(&target).cloned().ok_or_else(|| ExportError::HardlinkTargetMissing {
+                    self.regular_file(&target).cloned().ok_or_else(|| LayerError::HardlinkTargetMissing {
                         layer: label.into(),
                         entry: lossy(&entry),
                         target: lossy(&target),
@@ -398,7 +425,7 @@ impl Merged {
 /// Gives every directory the layer only implies the metadata the layers
 /// below (`lower`, before this layer changes anything) show at its path;
 /// refuses one where they show a non-directory.
-fn lend_metadata(l: &mut LDir, lower: Option<&MDir>, path: &mut Vec<u8>, label: &str) -> Result<(), ExportError> {
+fn lend_metadata(l: &mut LDir, lower: Option<&MDir>, path: &mut Vec<u8>, label: &str) -> Result<(), LayerError> {
     for (name, child) in &mut l.children {
         let LNode::Dir(ld) = child else { continue };
         let len = path.len();
@@ -411,7 +438,7 @@ fn lend_metadata(l: &mut LDir, lower: Option<&MDir>, path: &mut Vec<u8>, label: 
             ld.meta = Some(match below {
                 Some(MNode::Dir(md)) => md.meta.clone(),
                 Some(MNode::Leaf(_)) => {
-                    return Err(ExportError::WritesIntoNonDirectory {
+                    return Err(LayerError::WritesIntoNonDirectory {
                         layer: label.into(),
                         entry: lossy(ld.implied_by.as_deref().unwrap_or(path)),
                         path: lossy(path),
@@ -595,7 +622,7 @@ mod tests {
     }
 
     /// A layer from (path, kind) pairs, files get offset = their order.
-    fn layer(entries: &[(&str, Ent)]) -> Result<LayerTree, ExportError> {
+    fn layer(entries: &[(&str, Ent)]) -> Result<LayerTree, LayerError> {
         let mut t = LayerTree::new();
         for (i, (path, e)) in entries.iter().enumerate() {
             let kind = match e {
