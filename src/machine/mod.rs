@@ -21,13 +21,42 @@ use std::time::Instant;
 /// One virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
-    /// Host file backing the disk. Its size is the disk's size; a size that
-    /// is not a multiple of 512 is rounded down by QEMU, so callers pad.
-    pub path: PathBuf,
+    pub backing: Backing,
     pub read_only: bool,
     /// Answered to VIRTIO_BLK_T_GET_ID (at most 20 bytes): the guest finds
     /// its disks by this, never by order.
     pub serial: String,
+}
+
+/// What a disk holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// One host file; its size is the disk's size (a size that is not a
+    /// multiple of 512 is rounded down by QEMU, so callers pad).
+    File(PathBuf),
+    /// Ranges of several host files one after another, read-only, `len`
+    /// bytes in all (gaps and the tail read as zeros). Only launchers
+    /// whose [`Machine::can_concat`] says so take this.
+    Concat { extents: Vec<Extent>, len: u64 },
+}
+
+/// `len` bytes of `path` from `offset`, at `at` on the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+    pub at: u64,
+}
+
+impl Backing {
+    /// A path naming the disk in messages.
+    pub fn describe(&self) -> PathBuf {
+        match self {
+            Backing::File(p) => p.clone(),
+            Backing::Concat { extents, .. } => extents.first().map(|x| x.path.clone()).unwrap_or_default(),
+        }
+    }
 }
 
 /// The kernel images a launcher may choose from.
@@ -86,12 +115,21 @@ pub enum MachineError {
     KvmUnavailable { reason: String },
     #[error("the built-in VMM failed: {0}")]
     Kvm(#[from] kvm::Error),
+    #[error("{launcher} cannot serve a disk made of several files ({disk})")]
+    NoConcat { launcher: String, disk: String },
 }
 
 /// A guest launcher.
 pub trait Machine {
     /// Short name for logs and benchmarks ("builtin", "qemu-tcg", "qemu-kvm").
     fn name(&self) -> String;
+
+    /// Whether a disk may be a [`Backing::Concat`] (else each file must
+    /// be a disk of its own).
+    fn can_concat(&self) -> bool;
+
+    /// How many disks the guest can be given.
+    fn max_disks(&self) -> usize;
 
     /// Boots the guest and runs it until it resets, times out or is
     /// stopped. Console bytes are passed to `console` as they arrive.

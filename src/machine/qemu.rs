@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{GuestExit, GuestSpec, Machine, MachineError};
+use super::{Backing, GuestExit, GuestSpec, Machine, MachineError};
 
 /// QEMU microvm's virtio-mmio slot count (a 9th disk is refused).
 pub const MAX_DISKS: usize = 8;
@@ -46,10 +46,6 @@ impl QemuMachine {
         let binary = std::env::var("RUNASROOT_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string());
         QemuMachine { binary, accel }
     }
-
-    pub fn accel(&self) -> Accel {
-        self.accel
-    }
 }
 
 /// QEMU's option syntax doubles commas inside a value.
@@ -65,8 +61,9 @@ fn escape(value: &std::path::Path) -> OsString {
     OsString::from_vec(out)
 }
 
-/// The full QEMU argument list for a guest.
-pub fn args(spec: &GuestSpec, accel: Accel) -> Vec<OsString> {
+/// The full QEMU argument list for a guest; each disk must be one file
+/// (QEMU has no block driver that concatenates files).
+pub fn args(spec: &GuestSpec, accel: Accel) -> Result<Vec<OsString>, MachineError> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &str| a.push(s.into());
     push("-M");
@@ -108,8 +105,11 @@ pub fn args(spec: &GuestSpec, accel: Accel) -> Vec<OsString> {
     a.push("-append".into());
     a.push(spec.cmdline.clone().into());
     for (i, disk) in spec.disks.iter().enumerate() {
+        let Backing::File(path) = &disk.backing else {
+            return Err(MachineError::NoConcat { launcher: "QEMU".into(), disk: disk.serial.clone() });
+        };
         let mut drive = OsString::from("file=");
-        drive.push(escape(&disk.path));
+        drive.push(escape(path));
         // Writable disks are scratch (output, swap): flushes can be
         // ignored, the data reaches the host file when QEMU exits.
         drive.push(format!(
@@ -122,7 +122,7 @@ pub fn args(spec: &GuestSpec, accel: Accel) -> Vec<OsString> {
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=d{i},serial={}", disk.serial).into());
     }
-    a
+    Ok(a)
 }
 
 impl Machine for QemuMachine {
@@ -133,9 +133,17 @@ impl Machine for QemuMachine {
         }
     }
 
+    fn can_concat(&self) -> bool {
+        false
+    }
+
+    fn max_disks(&self) -> usize {
+        MAX_DISKS
+    }
+
     fn run(&mut self, spec: &GuestSpec, console: &mut dyn FnMut(&[u8])) -> Result<GuestExit, MachineError> {
         let mut cmd = Command::new(&self.binary);
-        cmd.args(args(spec, self.accel))
+        cmd.args(args(spec, self.accel)?)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -249,21 +257,24 @@ mod tests {
             memory_mib: 512,
             cpus: 2,
             disks: vec![
-                DiskSpec { path: PathBuf::from("/in/a,b.tar"), read_only: true, serial: "rar-layers".into() },
-                DiskSpec { path: PathBuf::from("/t/out.img"), read_only: false, serial: "rar-output".into() },
+                DiskSpec { backing: Backing::File(PathBuf::from("/in/a,b.tar")), read_only: true, serial: "rar-lower".into() },
+                DiskSpec { backing: Backing::File(PathBuf::from("/t/out.img")), read_only: false, serial: "rar-output".into() },
             ],
             deadline: None,
             stop: Arc::new(AtomicBool::new(false)),
         };
-        let got: Vec<String> = args(&spec, Accel::Tcg).into_iter().map(|s| s.into_string().unwrap()).collect();
+        let got: Vec<String> = args(&spec, Accel::Tcg).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect();
         let want = "-M microvm,acpi=off -accel tcg -cpu max -smp 2 -m 512M -nodefaults -no-user-config -nographic -no-reboot \
             -chardev stdio,id=console,signal=off -serial chardev:console -kernel /k/bzImage -initrd /k/init.cpio \
             -append console=ttyS0|reboot=t \
-            -drive file=/in/a,,b.tar,format=raw,if=none,id=d0,readonly=on,cache=writeback -device virtio-blk-device,drive=d0,serial=rar-layers \
+            -drive file=/in/a,,b.tar,format=raw,if=none,id=d0,readonly=on,cache=writeback -device virtio-blk-device,drive=d0,serial=rar-lower \
             -drive file=/t/out.img,format=raw,if=none,id=d1,readonly=off,cache=unsafe -device virtio-blk-device,drive=d1,serial=rar-output";
         let want: Vec<String> = want.split_whitespace().map(|s| s.replace('|', " ")).collect();
         assert_eq!(got, want);
-        let kvm: Vec<String> = args(&spec, Accel::Kvm).into_iter().take(6).map(|s| s.into_string().unwrap()).collect();
+        let mut concat = spec.clone();
+        concat.disks[0].backing = Backing::Concat { extents: vec![], len: 512 };
+        assert!(matches!(args(&concat, Accel::Tcg), Err(MachineError::NoConcat { .. })));
+        let kvm: Vec<String> = args(&spec, Accel::Kvm).unwrap().into_iter().take(6).map(|s| s.into_string().unwrap()).collect();
         assert_eq!(kvm, ["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host"]);
     }
 }

@@ -338,6 +338,14 @@ impl Machine for KvmMachine {
         "builtin".into()
     }
 
+    fn can_concat(&self) -> bool {
+        true
+    }
+
+    fn max_disks(&self) -> usize {
+        layout::MAX_DISKS
+    }
+
     fn run(&mut self, spec: &GuestSpec, console: &mut dyn FnMut(&[u8])) -> Result<GuestExit, MachineError> {
         Ok(self.start(spec, console)?)
     }

@@ -1,17 +1,16 @@
-//! The virtio block device (virtio 1.2 §5.2) over a host file: read,
+//! The virtio block device (virtio 1.2 §5.2) over host files: read,
 //! write, flush and get-id, nothing else.
 //!
 //! Every request comes from the guest and is checked before any I/O: the
 //! descriptor chain must lie in guest memory (virtio-queue's Reader and
 //! Writer check that), the header must be whole, the data a whole number
 //! of sectors inside the disk. A bad request gets an error status (or, if
-//! it has no room for one, an empty used entry), never a panic. The file
-//! is read and written with pread/pwrite at the request's offset: a large
+//! it has no room for one, an empty used entry), never a panic. The
+//! backing ([`Backend`]: a file, or read-only ranges of several files) is
+//! read and written with pread/pwrite at the request's offset: a large
 //! read-only disk (the user's image archive) is never read whole.
 
-use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use virtio_bindings::virtio_blk::{
@@ -23,8 +22,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 
 use super::super::memory::GuestMemory;
+use super::backend::Backend;
 use super::virtio_mmio::VirtioDevice;
-use crate::machine::DiskSpec;
+use crate::machine::{Backing, DiskSpec};
 
 /// Sector size of the virtio block protocol (§5.2.6: "sector" is always
 /// 512 bytes, whatever blk_size says).
@@ -58,7 +58,7 @@ pub enum Error {
 
 /// One virtio-blk disk.
 pub struct Block {
-    file: File,
+    disk: Backend,
     read_only: bool,
     /// Sectors; a trailing partial sector of the file is not part of the
     /// disk (QEMU rounds down the same way).
@@ -83,14 +83,14 @@ impl Block {
         if spec.serial.len() > SERIAL_LEN {
             return Err(Error::SerialTooLong { serial: spec.serial.clone() });
         }
-        let open_err = |source| Error::Open { path: spec.path.clone(), read_only: spec.read_only, source };
-        let file = OpenOptions::new().read(true).write(!spec.read_only).open(&spec.path).map_err(open_err)?;
-        let size = file.metadata().map_err(open_err)?.len();
+        let read_only = spec.read_only || matches!(spec.backing, Backing::Concat { .. });
+        let disk = Backend::open(&spec.backing, read_only).map_err(|(path, source)| Error::Open { path, read_only, source })?;
+        let size = disk.len().map_err(|source| Error::Open { path: spec.backing.describe(), read_only, source })?;
         let mut serial = [0u8; SERIAL_LEN];
         serial[..spec.serial.len()].copy_from_slice(spec.serial.as_bytes());
         Ok(Block {
-            file,
-            read_only: spec.read_only,
+            disk,
+            read_only,
             capacity: size / SECTOR_SIZE,
             serial,
             queue_sizes: [QUEUE_SIZE],
@@ -131,7 +131,7 @@ impl Block {
                 while data.available_bytes() > 0 {
                     let n = data.available_bytes().min(CHUNK);
                     let chunk = &mut buf[..n];
-                    if let Err(e) = self.file.read_exact_at(chunk, offset) {
+                    if let Err(e) = self.disk.read_exact_at(chunk, offset) {
                         log::debug!("virtio-blk: read at {offset:#x}: {e}");
                         return fail(VIRTIO_BLK_S_IOERR, data.bytes_written());
                     }
@@ -155,7 +155,7 @@ impl Block {
                     if reader.read_exact(chunk).is_err() {
                         return fail(VIRTIO_BLK_S_IOERR, 0);
                     }
-                    if let Err(e) = self.file.write_all_at(chunk, offset) {
+                    if let Err(e) = self.disk.write_all_at(chunk, offset) {
                         log::debug!("virtio-blk: write at {offset:#x}: {e}");
                         return fail(VIRTIO_BLK_S_IOERR, 0);
                     }
@@ -164,7 +164,7 @@ impl Block {
                 Done { status: VIRTIO_BLK_S_OK, written: 0 }
             }
             VIRTIO_BLK_T_FLUSH => {
-                let ok = self.read_only || self.file.sync_data().is_ok();
+                let ok = self.read_only || self.disk.sync_data().is_ok();
                 Done { status: if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR }, written: 0 }
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -261,6 +261,7 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -281,7 +282,7 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         let bytes: Vec<u8> = (0..sectors * 512).map(|i| ((i / 512 + i % 512) % 251) as u8).collect();
         file.as_file().write_all_at(&bytes, 0).unwrap();
-        let spec = DiskSpec { path: file.path().to_path_buf(), read_only, serial: serial.into() };
+        let spec = DiskSpec { backing: Backing::File(file.path().to_path_buf()), read_only, serial: serial.into() };
         Disk { block: Block::open(&spec).unwrap(), _file: file }
     }
 
@@ -346,7 +347,7 @@ mod tests {
         header(&m, VIRTIO_BLK_T_OUT, 7);
         assert_eq!(submit(&mut d.block, &m, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)]), (1, 0));
         let mut on_disk = vec![0u8; 512];
-        d.block.file.read_exact_at(&mut on_disk, 7 * 512).unwrap();
+        d.block.disk.read_exact_at(&mut on_disk, 7 * 512).unwrap();
         assert_eq!(on_disk, vec![0xab; 512]);
 
         header(&m, VIRTIO_BLK_T_FLUSH, 0);
@@ -506,7 +507,7 @@ mod tests {
         }
         // Nothing was written by any of them.
         let mut all = vec![0u8; 8 * 512];
-        rw.block.file.read_exact_at(&mut all, 0).unwrap();
+        rw.block.disk.read_exact_at(&mut all, 0).unwrap();
         assert_eq!(all, (0..8).flat_map(expected_sector).collect::<Vec<u8>>());
     }
 
@@ -525,7 +526,7 @@ mod tests {
 
     #[test]
     fn open_errors_name_the_path() {
-        let spec = DiskSpec { path: "/nonexistent/disk.img".into(), read_only: true, serial: "x".into() };
+        let spec = DiskSpec { backing: Backing::File("/nonexistent/disk.img".into()), read_only: true, serial: "x".into() };
         let err = Block::open(&spec).err().unwrap();
         assert_eq!(err.to_string(), "cannot open disk image /nonexistent/disk.img (read-only)");
         let long = DiskSpec { serial: "x".repeat(21), ..spec };
