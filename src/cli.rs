@@ -115,6 +115,11 @@ pub struct InputArgs {
     /// Platform to pick from a multi-platform OCI index.
     #[arg(long, value_name = "OS/ARCH", default_value = "linux/amd64")]
     pub platform: String,
+
+    /// Do not keep decompressed layers in the cache (~/.cache/runasroot,
+    /// or $RUNASROOT_CACHE); decompress them into TMPDIR for this run only.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// What the script gets.
@@ -137,8 +142,9 @@ pub struct VmArgs {
     #[arg(long, value_name = "MiB", default_value_t = 512)]
     pub memory: u64,
 
-    /// Scratch space in MiB for the unpacked layers and the new layer
-    /// (swap-backed, lazily allocated on the host).
+    /// Scratch space in MiB for the new layer: what the script writes (the
+    /// base is read in place and does not count). Swap-backed, lazily
+    /// allocated on the host.
     #[arg(long, value_name = "MiB", default_value_t = 1024)]
     pub disk_size: u64,
 

@@ -3,12 +3,10 @@
 //! from the few functions that write files.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use runasroot_guest::contract::{self, Blob, Job};
-use runasroot_guest::tarfmt::{self, Entry, Kind, TarWriter};
 
 /// Docker's default PATH for a RUN line when the image sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -36,12 +34,6 @@ pub enum JobError {
     BadSourceDateEpoch(String),
     #[error("cannot read the script {path}")]
     ReadScript {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot read --copy-to-root {path}")]
-    ReadCopyToRoot {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -152,7 +144,7 @@ pub fn write_sparse_disk(path: &Path, size: u64, head: &[u8], what: &'static str
     Ok(())
 }
 
-/// Accumulates the job disk's data area (script, copy-to-root tars).
+/// Accumulates the job disk's data area (the script).
 pub struct JobDisk {
     path: PathBuf,
     data: File,
@@ -195,42 +187,6 @@ impl JobDisk {
         self.add(|f| f.write_all(&bytes))
     }
 
-    /// A --copy-to-root item: a directory is packed (owners root, mtimes
-    /// `epoch`, sorted, deterministic); a tar (plain, gzip or zstd) is
-    /// passed through uncompressed.
-    pub fn add_copy_to_root(&mut self, path: &Path, epoch: u64) -> Result<Blob, JobError> {
-        let rerr = |source| JobError::ReadCopyToRoot { path: path.to_path_buf(), source };
-        let meta = fs::metadata(path).map_err(rerr)?;
-        if meta.is_dir() {
-            let mut failure = None;
-            let blob = self.add(|f| {
-                let mut w = TarWriter::new(f);
-                if let Err(e) = pack_dir(&mut w, path, &mut Vec::new(), epoch) {
-                    failure = Some(e);
-                    return Ok(());
-                }
-                w.finish().map(|_| ())
-            })?;
-            match failure {
-                Some(e) => Err(rerr(e)),
-                None => Ok(blob),
-            }
-        } else {
-            let mut src = open_maybe_compressed(path).map_err(rerr)?;
-            let mut failure = None;
-            let blob = self.add(|f| {
-                if let Err(e) = io::copy(&mut src, f) {
-                    failure = Some(e);
-                }
-                Ok(())
-            })?;
-            match failure {
-                Some(e) => Err(rerr(e)),
-                None => Ok(blob),
-            }
-        }
-    }
-
     /// Writes the job disk: header (with `job`) then the data area.
     pub fn finish(mut self, job: &Job) -> Result<PathBuf, JobError> {
         let werr = |source| JobError::WriteDisk { what: "job", path: self.path.clone(), source };
@@ -244,60 +200,6 @@ impl JobDisk {
         let _ = fs::remove_file(&self.data_path);
         Ok(self.path)
     }
-}
-
-/// Opens a file, decompressing gzip or zstd by magic number.
-pub fn open_maybe_compressed(path: &Path) -> io::Result<Box<dyn Read>> {
-    let mut f = File::open(path)?;
-    let mut magic = [0u8; 4];
-    let n = f.read(&mut magic)?;
-    f.seek(SeekFrom::Start(0))?;
-    let f = io::BufReader::with_capacity(1 << 20, f);
-    Ok(match &magic[..n] {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(f)),
-        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::stream::read::Decoder::with_buffer(f)?),
-        _ => Box::new(f),
-    })
-}
-
-/// Packs a directory's contents (not the directory itself) depth first.
-fn pack_dir<W: Write>(w: &mut TarWriter<W>, dir: &Path, rel: &mut Vec<u8>, epoch: u64) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut names: Vec<_> = fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
-    names.sort_by(|a, b| tarfmt::compare_siblings(a.as_bytes(), b.as_bytes()));
-    for name in names {
-        let path = dir.join(&name);
-        let meta = fs::symlink_metadata(&path)?;
-        let base = rel.len();
-        if !rel.is_empty() {
-            rel.push(b'/');
-        }
-        rel.extend_from_slice(name.as_bytes());
-        let ft = meta.file_type();
-        let kind = if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            Kind::Symlink { target: fs::read_link(&path)?.as_os_str().as_bytes().to_vec() }
-        } else if ft.is_file() {
-            Kind::File { size: meta.len() }
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else {
-            // Sockets and device nodes in a host directory are not content.
-            rel.truncate(base);
-            continue;
-        };
-        let entry = Entry { path: rel.clone(), kind: kind.clone(), mode: meta.mode(), uid: 0, gid: 0, mtime: epoch, xattrs: Vec::new() };
-        match kind {
-            Kind::File { .. } => w.append(&entry, &mut File::open(&path)?)?,
-            _ => w.append(&entry, &mut io::empty())?,
-        }
-        if kind == Kind::Dir {
-            pack_dir(w, &path, rel, epoch)?;
-        }
-        rel.truncate(base);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -354,19 +256,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("s.sh");
         fs::write(&script, b"echo hi\n").unwrap();
-        let root = dir.path().join("root");
-        fs::create_dir_all(root.join("etc")).unwrap();
-        fs::write(root.join("etc/motd"), b"hello").unwrap();
         let mut disk = JobDisk::new(dir.path()).unwrap();
         let s = disk.add_script(&script).unwrap();
-        let c = disk.add_copy_to_root(&root, 7).unwrap();
         assert_eq!(s, Blob { offset: 0, length: 8 });
-        assert_eq!(c.offset, 4096);
         let job = Job {
             mode: contract::Mode::Layer,
-            layers: vec![],
+            lower: contract::Lower { devices: vec![], copy_to_root: false },
             script: Some(s),
-            copy_to_root: vec![c],
             env: vec![],
             epoch: 7,
             clamp_mtime: None,
@@ -378,16 +274,6 @@ mod tests {
         let (back, data) = Job::decode(&bytes).unwrap();
         assert_eq!(back, job);
         assert_eq!(&bytes[data as usize..data as usize + 8], b"echo hi\n");
-        let tar = &bytes[(data + c.offset) as usize..(data + c.offset + c.length) as usize];
-        let names: Vec<String> = tar::Archive::new(tar)
-            .entries()
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                format!("{} {}:{} {}", String::from_utf8_lossy(&e.path_bytes()), e.header().uid().unwrap(), e.header().gid().unwrap(), e.header().mtime().unwrap())
-            })
-            .collect();
-        assert_eq!(names, vec!["etc/ 0:0 7", "etc/motd 0:0 7"]);
         assert_eq!(bytes.len() % 4096, 0);
     }
 }

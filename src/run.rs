@@ -13,13 +13,16 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runasroot_guest::contract::{self, FailureKind, Job, LayerSpec, Mode, Status};
+use runasroot_guest::contract::{self, FailureKind, Job, Mode, Status};
 use sha2::{Digest as _, Sha256};
 
+use crate::cache::{self, Cache};
 use crate::cli::{self, ExportArgs, RunArgs, ScriptArgs, UiArgs, VmArgs};
 use crate::image::{self, Digest, Image, ImageError};
 use crate::job::{self, JobDisk, JobError, Times};
-use crate::machine::{select, DiskSpec, GuestExit, GuestSpec, Machine, MachineError};
+use crate::layers::Spool;
+use crate::lower::{self, Layout, LowerError};
+use crate::machine::{select, Backing, DiskSpec, GuestExit, GuestSpec, Machine, MachineError};
 use crate::output::{self, OutputError, Target};
 
 /// Exit status when runasroot itself failed (as `docker run`).
@@ -34,6 +37,8 @@ const MIN_DISK_MIB: u64 = 16;
 const MAX_CPUS: u64 = 32;
 /// Console lines kept for error reports.
 const CONSOLE_TAIL: usize = 40;
+/// Disks besides the lower's: job, output, swap, and the lower image.
+const FIXED_DISKS: usize = 4;
 
 /// Errors of a run, each naming what failed and the fix where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +71,8 @@ pub enum RunError {
     OutputDir { path: PathBuf, dir: PathBuf },
     #[error("preparing the job failed")]
     Job(#[from] JobError),
+    #[error("preparing the base for the guest failed")]
+    Lower(#[from] LowerError),
     #[error("finding the guest kernel failed")]
     Assets(#[from] crate::assets::AssetError),
     #[error("running the guest failed")]
@@ -86,8 +93,6 @@ pub enum RunError {
     NoResult { detail: String, tail: String },
     #[error("the guest's result is invalid: {0}")]
     BadResult(String),
-    #[error("layer {index} ({name}): the guest unpacked {found}, but the image config says {expected}")]
-    DiffIdMismatch { index: usize, name: String, expected: String, found: String },
     #[error("reading the guest's output disk {path} failed")]
     ReadOutput {
         path: PathBuf,
@@ -148,6 +153,13 @@ impl Ui {
         if let Some(pb) = &self.progress {
             let mib = |n: u64| n as f64 / (1 << 20) as f64;
             pb.set_message(format!("{what}: {:.0}/{:.0} MiB", mib(done), mib(total)));
+        }
+    }
+
+    /// A line shown only with -v.
+    pub fn verbose_line(&self, line: &str) {
+        if self.verbose {
+            self.println(line);
         }
     }
 
@@ -276,6 +288,25 @@ struct GuestJob<'a> {
     script_args: &'a ScriptArgs,
     vm: &'a VmArgs,
     times: &'a Times,
+    cache: Option<&'a Cache>,
+}
+
+/// The spool cache, unless `--no-cache` or no writable place for it;
+/// `-v` says which.
+fn open_cache(no_cache: bool, ui: &Ui) -> Option<Cache> {
+    if no_cache {
+        return None;
+    }
+    match Cache::open(&cache::Location::from_env()) {
+        Ok(c) => {
+            ui.verbose_line(&format!("runasroot: cache {}", c.dir().display()));
+            Some(c)
+        }
+        Err(e) => {
+            ui.verbose_line(&format!("runasroot: no cache ({e}); decompressed layers go to TMPDIR for this run"));
+            None
+        }
+    }
 }
 
 /// The guest's verified result: the payload sits on the output disk.
@@ -318,30 +349,34 @@ fn run_guest(
     let vm = job_args.vm;
     let deadline_len = vm.timeout.as_deref().map(parse_timeout).transpose()?;
 
+    ui.phase("indexing the base");
+    let layout = match machine.can_concat() {
+        true => Layout::Flat,
+        false => Layout::Disks { max: machine.max_disks().saturating_sub(FIXED_DISKS) },
+    };
+    let spool = Spool { cache: job_args.cache, temp_dir: temp };
+    let base = lower::build(&image.layers, &job_args.script_args.copy_to_root, job_args.times.epoch, spool, temp, layout)?;
+    let st = &base.stats;
+    ui.verbose_line(&format!(
+        "runasroot: lower: {} layers, {} inodes, image {} KiB, {} devices; decompressed {} MiB now, {} layers from the cache{}; {} MiB gathered",
+        st.index.layers,
+        st.inodes,
+        st.image_bytes >> 10,
+        st.devices,
+        st.index.spooled_bytes >> 20,
+        st.index.cache_hits,
+        if st.index.cache_rebuilt > 0 { format!(" ({} corrupted entries made anew)", st.index.cache_rebuilt) } else { String::new() },
+        st.gathered_bytes >> 20,
+    ));
+    let (lower_disks, lower_spec) = base.disks();
+
     ui.phase("preparing disks");
-    let layer_disk = image.layer_disk(temp)?;
     let mut disk = JobDisk::new(temp)?;
     let script = job_args.script.map(|p| disk.add_script(p)).transpose()?;
-    let copy_to_root = job_args
-        .script_args
-        .copy_to_root
-        .iter()
-        .map(|p| disk.add_copy_to_root(p, job_args.times.epoch))
-        .collect::<Result<Vec<_>, _>>()?;
     let job = Job {
         mode: job_args.mode,
-        layers: image
-            .layers
-            .iter()
-            .zip(&layer_disk.ranges)
-            .map(|(layer, range)| LayerSpec {
-                range: contract::Blob { offset: range.offset, length: range.length },
-                compression: layer.compression,
-                diff_id: layer.diff_id.to_string(),
-            })
-            .collect(),
+        lower: lower_spec,
         script,
-        copy_to_root,
         env: job::script_env(&image.env(), &job_args.script_args.env)?,
         epoch: job_args.times.epoch,
         clamp_mtime: job_args.times.source_date_epoch,
@@ -362,12 +397,14 @@ fn run_guest(
         cmdline: job::cmdline(ui.verbose),
         memory_mib: vm.memory,
         cpus: vm.cpus,
-        disks: vec![
-            DiskSpec { path: layer_disk.path.clone(), read_only: true, serial: contract::serial::LAYERS.into() },
-            DiskSpec { path: job_path, read_only: true, serial: contract::serial::JOB.into() },
-            DiskSpec { path: output_disk.clone(), read_only: false, serial: contract::serial::OUTPUT.into() },
-            DiskSpec { path: swap_disk, read_only: false, serial: contract::serial::SWAP.into() },
-        ],
+        disks: lower_disks
+            .into_iter()
+            .chain([
+                DiskSpec { backing: Backing::File(job_path), read_only: true, serial: contract::serial::JOB.into() },
+                DiskSpec { backing: Backing::File(output_disk.clone()), read_only: false, serial: contract::serial::OUTPUT.into() },
+                DiskSpec { backing: Backing::File(swap_disk), read_only: false, serial: contract::serial::SWAP.into() },
+            ])
+            .collect(),
         deadline: deadline_len.map(|d| Instant::now() + d),
         stop: stop.clone(),
     };
@@ -379,6 +416,9 @@ fn run_guest(
         GuestExit::Stopped => return Err(RunError::Interrupted),
         GuestExit::Reset => {}
     }
+    // The guest read the base from these files: they must still be what
+    // was verified.
+    base.check_unchanged()?;
 
     let mut f = File::open(&output_disk).map_err(|source| RunError::ReadOutput { path: output_disk.clone(), source })?;
     let mut block = vec![0u8; contract::RESULT_AREA as usize];
@@ -400,23 +440,6 @@ fn run_guest(
         Status::Failed { kind, reason } => Err(RunError::Guest { kind, hint: hint(kind, vm), reason }),
         Status::Finished { exit_code } => {
             if exit_code == 0 {
-                for ((layer, found), index) in image.layers.iter().zip(&outcome.layer_diff_ids).zip(0..) {
-                    if found != layer.diff_id.as_str() {
-                        return Err(RunError::DiffIdMismatch {
-                            index,
-                            name: layer.name.clone(),
-                            expected: layer.diff_id.to_string(),
-                            found: found.clone(),
-                        });
-                    }
-                }
-                if outcome.layer_diff_ids.len() != image.layers.len() {
-                    return Err(RunError::BadResult(format!(
-                        "the guest reports {} layers, the image has {}",
-                        outcome.layer_diff_ids.len(),
-                        image.layers.len()
-                    )));
-                }
                 let disk_len = f.metadata().map(|m| m.len()).unwrap_or(0);
                 if outcome.payload_len > disk_len.saturating_sub(contract::PAYLOAD_OFFSET) {
                     return Err(RunError::BadResult(format!("payload of {} bytes does not fit the output disk", outcome.payload_len)));
@@ -508,7 +531,7 @@ fn check_inputs(script: Option<&Path>, script_args: &ScriptArgs, outputs: [Optio
         File::open(path).map_err(|source| JobError::ReadScript { path: path.to_path_buf(), source })?;
     }
     for path in &script_args.copy_to_root {
-        std::fs::metadata(path).map_err(|source| JobError::ReadCopyToRoot { path: path.clone(), source })?;
+        std::fs::metadata(path).map_err(|source| LowerError::CopyToRoot { path: path.clone(), source })?;
     }
     for target in outputs.into_iter().flatten() {
         if let Target::Path(path) = target {
@@ -541,7 +564,15 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
     let mut machine = prepare_machine(&args.vm, ui)?;
     let temp = temp_dir()?;
     let image = open_image(&args.input, temp.path(), ui)?;
-    let job = GuestJob { mode: Mode::Layer, script: Some(script), script_args: &args.script_env, vm: &args.vm, times: &times };
+    let cache = open_cache(args.input.no_cache, ui);
+    let job = GuestJob {
+        mode: Mode::Layer,
+        script: Some(script),
+        script_args: &args.script_env,
+        vm: &args.vm,
+        times: &times,
+        cache: cache.as_ref(),
+    };
     let result = run_guest(machine.as_mut(), &image, &job, temp.path(), ui, stop)?;
     if result.exit_code != 0 {
         return Ok(Ended::ScriptFailed(result.exit_code));
@@ -593,8 +624,16 @@ pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<
     let mut machine = if in_vm { Some(prepare_machine(&args.vm, ui)?) } else { None };
     let temp = temp_dir()?;
     let image = open_image(&args.input, temp.path(), ui)?;
+    let cache = open_cache(args.input.no_cache, ui);
     if let Some(machine) = machine.as_mut() {
-        let job = GuestJob { mode: Mode::Export, script: args.script.as_deref(), script_args: &args.script_env, vm: &args.vm, times: &times };
+        let job = GuestJob {
+            mode: Mode::Export,
+            script: args.script.as_deref(),
+            script_args: &args.script_env,
+            vm: &args.vm,
+            times: &times,
+            cache: cache.as_ref(),
+        };
         let result = run_guest(machine.as_mut(), &image, &job, temp.path(), ui, stop)?;
         if result.exit_code != 0 {
             return Ok(Ended::ScriptFailed(result.exit_code));
@@ -603,7 +642,8 @@ pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<
         write_payload(&result, &target)?;
     } else {
         ui.phase("flattening on the host");
-        let opts = crate::export::ExportOptions { clamp_mtime: times.source_date_epoch, temp_dir: temp.path().to_path_buf() };
+        let spool = Spool { cache: cache.as_ref(), temp_dir: temp.path() };
+        let opts = crate::export::ExportOptions { clamp_mtime: times.source_date_epoch, spool };
         let mut failure = None;
         let written = output::write_atomically(&target, |w| match crate::export::export(&image.layers, &opts, w) {
             Ok(_) => Ok(()),

@@ -24,7 +24,7 @@ pub const MAX_LINE: usize = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Boot,
-    Unpack,
+    Mount,
     Script,
     Pack,
     Write,
@@ -34,7 +34,7 @@ impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::Boot => "boot",
-            Phase::Unpack => "unpack",
+            Phase::Mount => "mount",
             Phase::Script => "script",
             Phase::Pack => "pack",
             Phase::Write => "write",

@@ -19,10 +19,17 @@
 //! ```
 //! The guest writes the payload first, syncs, then writes the header area
 //! ([`RESULT_AREA`] bytes) and syncs again: a header is only ever present
-//! for a complete payload. The result names every base layer's diff_id,
-//! so its area holds the 500 layers overlayfs can stack (one 4 KiB block
-//! holds about 50): a reader reads the first [`BLOCK`], and the rest of
-//! the area only when the announced length asks for it.
+//! for a complete payload. A reader reads the first [`BLOCK`], and the
+//! rest of the area only when the announced length asks for it (a long
+//! failure reason).
+//!
+//! Lower disk (read-only, named [`serial::LOWER`]): an EROFS image the
+//! host wrote, whose root holds [`LOWER_BASE`] (the merged base image,
+//! the overlay's only lowerdir) and, with `--copy-to-root`,
+//! [`LOWER_COPY`] (the tree to copy into the new layer). File data are
+//! chunk indexes into the image's extra devices: either the disks named
+//! in [`Lower::devices`], or, when that list is empty, the same disk
+//! after the image (EROFS "flat" mode). The guest parses no tar.
 
 use serde::{Deserialize, Serialize};
 
@@ -32,10 +39,10 @@ pub const JOB_MAGIC: &[u8; 8] = b"RARJOB01";
 pub const RESULT_MAGIC: &[u8; 8] = b"RARRES01";
 /// Alignment of the job's data area; the size of a small result header.
 pub const BLOCK: u64 = 4096;
-/// Largest job JSON accepted (a 1000-layer job is about 200 KiB).
+/// Largest job JSON accepted (the environment dominates it).
 pub const MAX_JOB_JSON: u64 = 16 << 20;
-/// The result header area at the start of the output disk: room for the
-/// diff_ids of 500 layers (about 37 KiB of JSON), timings and a reason.
+/// The result header area at the start of the output disk: room for
+/// timings and a long failure reason.
 pub const RESULT_AREA: u64 = 64 << 10;
 /// The result JSON must fit in the result area with its 16-byte preamble.
 pub const MAX_RESULT_JSON: u64 = RESULT_AREA - 16;
@@ -45,9 +52,12 @@ pub const PAYLOAD_OFFSET: u64 = RESULT_AREA;
 /// Virtio-blk serial ids (VIRTIO_BLK_T_GET_ID) that name each disk; the
 /// guest reads them from `/sys/block/vdX/serial` and never relies on order.
 pub mod serial {
-    /// The layer bytes, read-only: the input archive itself or a gathered file.
-    pub const LAYERS: &str = "rar-layers";
-    /// The job: JSON plus the script and copy-to-root tars, read-only.
+    /// The EROFS lower image (and, in flat mode, its devices behind it).
+    pub const LOWER: &str = "rar-lower";
+    /// The lower image's extra devices when each is a disk of its own:
+    /// `rar-data-0`, `rar-data-1`, … in device-table order.
+    pub const DATA_PREFIX: &str = "rar-data-";
+    /// The job: JSON plus the script, read-only.
     pub const JOB: &str = "rar-job";
     /// The result header and payload, read-write, sparse on the host.
     pub const OUTPUT: &str = "rar-output";
@@ -69,14 +79,10 @@ pub enum Mode {
     Export,
 }
 
-/// How a layer's bytes are compressed on the layers disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Compression {
-    None,
-    Gzip,
-    Zstd,
-}
+/// The lower image's root directory holding the merged base.
+pub const LOWER_BASE: &str = "base";
+/// The lower image's root directory holding the copy-to-root tree.
+pub const LOWER_COPY: &str = "copy";
 
 /// A byte range on a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,28 +91,25 @@ pub struct Blob {
     pub length: u64,
 }
 
-/// One base layer, bottom first in [`Job::layers`].
+/// How to mount the lower image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LayerSpec {
-    /// Where its stored bytes are on the layers disk.
-    pub range: Blob,
-    pub compression: Compression,
-    /// The config's `rootfs.diff_ids` entry (`sha256:…`): the guest hashes
-    /// what it unpacks and fails on a mismatch, naming the layer.
-    pub diff_id: String,
+pub struct Lower {
+    /// Serials of the disks holding the image's extra devices, in device
+    /// table order (`mount -o device=…`); empty when the image has none
+    /// or when they follow it on the lower disk itself (flat mode).
+    pub devices: Vec<String>,
+    /// Whether the image holds [`LOWER_COPY`].
+    pub copy_to_root: bool,
 }
 
 /// Everything the guest needs, written by the host on the job disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
     pub mode: Mode,
-    /// Base layers, bottom (first applied) first.
-    pub layers: Vec<LayerSpec>,
+    /// The read-only base (and copy-to-root tree) on the lower disk.
+    pub lower: Lower,
     /// The script, on the job disk. `None` only for a plain export.
     pub script: Option<Blob>,
-    /// Tar streams on the job disk, unpacked in order onto the new layer
-    /// before the script runs (nixpkgs' copyToRoot).
-    pub copy_to_root: Vec<Blob>,
     /// The script's whole environment, `KEY=VALUE`, already merged by the
     /// host (image config Env, then --env, default PATH and HOME).
     pub env: Vec<String>,
@@ -114,7 +117,8 @@ pub struct Job {
     pub epoch: u64,
     /// Export only: clamp mtimes to this (SOURCE_DATE_EPOCH) when set.
     pub clamp_mtime: Option<u64>,
-    /// Size limit of the tmpfs holding layers and the upper dir, in MiB.
+    /// Size limit of the tmpfs holding the upper dir (the new layer), in
+    /// MiB; the base is not in it.
     pub scratch_mib: u64,
     /// Print the guest's own progress lines (host `-v`).
     pub verbose: bool,
@@ -131,15 +135,17 @@ pub enum Status {
     Failed { kind: FailureKind, reason: String },
 }
 
-/// Why the guest failed, so the host can name the limit or input at fault.
+/// Why the guest failed, so the host can name the limit or input at fault
+/// (the guest says what failed; the host alone says which flag to raise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureKind {
-    /// A layer or copy-to-root tar is invalid (digest, breakout, format).
+    /// What the script or copy-to-root made cannot be a layer (a reserved
+    /// `.wh.` name), or copy-to-root cannot be placed (its path is taken).
     BadInput,
-    /// The scratch tmpfs (+ swap) filled up: raise `--disk-size`.
+    /// The scratch tmpfs (+ swap) filled up.
     OutOfScratch,
-    /// The guest ran out of memory: raise `--memory`.
+    /// The guest ran out of memory.
     OutOfMemory,
     /// The base has no interpreter for the script.
     NoInterpreter,
@@ -156,8 +162,6 @@ pub struct Outcome {
     pub payload_len: u64,
     /// `sha256:…` of the payload as the guest wrote it.
     pub payload_digest: Option<String>,
-    /// `sha256:…` of each base layer as unpacked, bottom first.
-    pub layer_diff_ids: Vec<String>,
     /// (phase, guest uptime in seconds when it ended), in order.
     pub timings: Vec<(String, f64)>,
 }
@@ -248,9 +252,8 @@ impl Outcome {
         let mut out = self.clone();
         let mut json = serde_json::to_vec(&out).expect("an Outcome always serialises");
         // Whatever is too long must not push the header past its area:
-        // shorten the reason first, then drop the timings, then the diff_ids
-        // (the host then reports a count mismatch instead of a bad header).
-        // Each step shrinks the JSON, so this ends.
+        // shorten the reason first, then drop the timings. Each step
+        // shrinks the JSON, so this ends.
         while json.len() as u64 > MAX_RESULT_JSON {
             match &mut out.status {
                 Status::Failed { reason, .. } if reason.len() > 3 => {
@@ -262,11 +265,9 @@ impl Outcome {
                     reason.truncate(cut);
                     reason.push_str("...");
                 }
-                _ if !out.timings.is_empty() => out.timings.clear(),
                 _ => {
-                    let n = out.layer_diff_ids.len();
-                    assert!(n > 0, "an Outcome without reason, timings or diff_ids always fits");
-                    out.layer_diff_ids.truncate(n / 2);
+                    assert!(!out.timings.is_empty(), "an Outcome without reason or timings always fits");
+                    out.timings.clear();
                 }
             }
             json = serde_json::to_vec(&out).expect("an Outcome always serialises");
@@ -308,13 +309,8 @@ mod tests {
     fn job() -> Job {
         Job {
             mode: Mode::Layer,
-            layers: vec![LayerSpec {
-                range: Blob { offset: 1536, length: 10240 },
-                compression: Compression::Gzip,
-                diff_id: format!("sha256:{}", "ab".repeat(32)),
-            }],
+            lower: Lower { devices: vec![format!("{}0", serial::DATA_PREFIX)], copy_to_root: true },
             script: Some(Blob { offset: 0, length: 42 }),
-            copy_to_root: vec![],
             env: vec!["PATH=/bin".into()],
             epoch: 1,
             clamp_mtime: None,
@@ -351,7 +347,6 @@ mod tests {
             status: Status::Finished { exit_code: 3 },
             payload_len: 0,
             payload_digest: None,
-            layer_diff_ids: vec!["sha256:00".into()],
             timings: vec![("init".into(), 0.5)],
         };
         let area = o.encode();
@@ -361,17 +356,16 @@ mod tests {
     }
 
     #[test]
-    fn outcome_of_a_500_layer_base_fits_its_area() {
+    fn a_long_reason_needs_the_rest_of_the_area() {
         let o = Outcome {
-            status: Status::Finished { exit_code: 0 },
-            payload_len: 1 << 40,
-            payload_digest: Some(format!("sha256:{}", "ab".repeat(32))),
-            layer_diff_ids: (0..500).map(|i| format!("sha256:{i:064x}")).collect(),
-            timings: ["init", "unpack", "script", "pack", "write"].iter().map(|p| (p.to_string(), 12345.678)).collect(),
+            status: Status::Failed { kind: FailureKind::BadInput, reason: "r".repeat(10_000) },
+            payload_len: 0,
+            payload_digest: None,
+            timings: ["init", "mount", "script", "pack", "write"].iter().map(|p| (p.to_string(), 12345.678)).collect(),
         };
         let area = o.encode();
         let len = Outcome::header_len(&area[..16]).unwrap();
-        assert!(len > BLOCK, "500 diff_ids do not fit one block: the area is needed");
+        assert!(len > BLOCK, "the reason does not fit one block: the area is needed");
         assert_eq!(Outcome::decode(&area[..len as usize]).unwrap(), o);
         assert_eq!(Outcome::decode(&area[..BLOCK as usize]).unwrap_err(), DecodeError::Truncated { what: "result" });
     }
@@ -382,13 +376,11 @@ mod tests {
             status: Status::Finished { exit_code: 0 },
             payload_len: 0,
             payload_digest: None,
-            layer_diff_ids: (0..5000).map(|i| format!("sha256:{i:064x}")).collect(),
-            timings: vec![("init".into(), 0.5)],
+            timings: (0..5000).map(|i| (format!("phase-{i:060}"), 0.5)).collect(),
         };
         let back = Outcome::decode(&o.encode()).unwrap();
         assert!(back.timings.is_empty());
-        assert!(back.layer_diff_ids.len() < 5000 && !back.layer_diff_ids.is_empty());
-        assert_eq!(back.layer_diff_ids[..], o.layer_diff_ids[..back.layer_diff_ids.len()]);
+        assert_eq!(back.status, o.status);
     }
 
     #[test]
@@ -397,7 +389,6 @@ mod tests {
             status: Status::Failed { kind: FailureKind::Internal, reason: "x".repeat(100_000) },
             payload_len: 0,
             payload_digest: None,
-            layer_diff_ids: vec![],
             timings: vec![],
         };
         let back = Outcome::decode(&o.encode()).unwrap();

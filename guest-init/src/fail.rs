@@ -3,9 +3,10 @@
 //! Every module has its own error enum; each implements [`GuestError`] to
 //! say which [`FailureKind`] it is. Converting to a [`Failure`] renders the
 //! whole cause chain on one line, and turns "no space left on device" on
-//! the scratch tmpfs into [`FailureKind::OutOfScratch`] with the flag that
-//! raises the limit. A panic is caught and reported the same way: the host
-//! must get a result, never a hang.
+//! the scratch tmpfs into [`FailureKind::OutOfScratch`]. The guest says
+//! what failed and where; which flag to raise is the host's to say. A
+//! panic is caught and reported the same way: the host must get a result,
+//! never a hang.
 
 use std::error::Error;
 use std::io;
@@ -14,7 +15,7 @@ use std::sync::Mutex;
 
 use runasroot_guest::contract::FailureKind;
 
-/// The scratch size, for the "raise --disk-size (now N MiB)" hint.
+/// The scratch size, to say how full "full" was.
 static SCRATCH_MIB: AtomicU64 = AtomicU64::new(0);
 /// The message and place of the last panic, recorded by the hook.
 static PANIC: Mutex<Option<String>> = Mutex::new(None);
@@ -99,7 +100,7 @@ pub fn is_out_of_space(err: &io::Error) -> bool {
 
 /// The reason for an [`FailureKind::OutOfScratch`] failure.
 pub fn scratch_full(doing: &str, scratch_mib: u64) -> String {
-    format!("scratch space full while {doing}: raise --disk-size (now {scratch_mib} MiB)")
+    format!("the scratch space ({scratch_mib} MiB) is full: {doing}")
 }
 
 /// Records panics (message and place) so `main` can report them in the
@@ -136,9 +137,8 @@ mod tests {
 
     #[derive(Debug, thiserror::Error)]
     enum Demo {
-        #[error("unpacking layer {layer} entry {entry}")]
-        Unpack {
-            layer: usize,
+        #[error("copying {entry}")]
+        Copy {
             entry: String,
             #[source]
             source: io::Error,
@@ -167,24 +167,15 @@ mod tests {
         let enospc = || io::Error::from_raw_os_error(libc::ENOSPC);
         let table: Vec<(Demo, Failure)> = vec![
             (
-                Demo::Unpack { layer: 2, entry: "usr/x".into(), source: enospc() },
+                Demo::Copy { entry: "usr/x".into(), source: enospc() },
                 Failure::new(
                     FailureKind::OutOfScratch,
-                    format!(
-                        "scratch space full while unpacking layer 2 entry usr/x: {}: raise --disk-size (now 1024 MiB)",
-                        enospc()
-                    ),
+                    format!("the scratch space (1024 MiB) is full: copying usr/x: {}", enospc()),
                 ),
             ),
             (
-                Demo::Unpack { layer: 0, entry: "a".into(), source: io::Error::other(enospc()) },
-                Failure::new(
-                    FailureKind::OutOfScratch,
-                    format!(
-                        "scratch space full while unpacking layer 0 entry a: {}: raise --disk-size (now 1024 MiB)",
-                        enospc()
-                    ),
-                ),
+                Demo::Copy { entry: "a".into(), source: io::Error::other(enospc()) },
+                Failure::new(FailureKind::OutOfScratch, format!("the scratch space (1024 MiB) is full: copying a: {}", enospc())),
             ),
             (
                 Demo::Output(enospc()),

@@ -1,222 +1,87 @@
-//! What the stack of unpacked lowerdirs shows at a path, resolved the way
-//! overlayfs resolves it, without mounting anything.
+//! What the base (the lower image's merged tree, the overlay's only
+//! lowerdir) holds at a path, looked up without following symlinks.
 //!
-//! Used to give an implicit parent directory its metadata from below, to
-//! materialise a hardlink whose target is in a lower layer, and to drop a
-//! whiteout in the new layer that hides nothing.
-//!
-//! overlayfs lookup, one component at a time, over the layers that still
-//! contribute to the parent directory (top first): the topmost layer that
-//! has the name decides. A whiteout there means "absent"; a non-directory
-//! hides everything below it; a directory merges with the directories of
-//! the same name below, until one of them is opaque or a layer below has a
-//! non-directory (which is ignored and ends the merge).
+//! The host merged the layers, so the lower holds no whiteouts or opaque
+//! markers: a path is there when every ancestor is a directory and the
+//! last component exists. Used to drop a whiteout in the new layer that
+//! hides nothing (the script made and removed a file).
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use nix::fcntl::{openat, OFlag, AT_FDCWD};
-use nix::sys::stat::{fstatat, FileStat, Mode, SFlag};
-use nix::fcntl::AtFlags;
+use nix::fcntl::{openat, AtFlags, OFlag, AT_FDCWD};
+use nix::sys::stat::{fstatat, Mode, SFlag};
 
-use runasroot_guest::whiteout;
-
-use crate::sys;
-
-/// What one layer holds at one path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Probe {
-    Missing,
-    /// A char device 0:0: deleted from the layers below.
-    Whiteout,
-    Dir { opaque: bool },
-    /// Anything else: file, symlink, device, fifo, socket.
-    Other,
+/// The base, open for lookups.
+pub struct Lower {
+    root: OwnedFd,
 }
 
-/// What the stack shows at a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Visible {
-    Missing,
-    /// A directory; its metadata comes from this (the topmost) layer.
-    Dir { layer: usize },
-    /// A non-directory, from this layer.
-    NonDir { layer: usize },
-    /// The path cannot exist because an ancestor (the first `depth`
-    /// components) is a non-directory in `layer`.
-    BelowNonDir { depth: usize, layer: usize },
-}
-
-/// Resolves a path of `depth` components over `layers_top_first`;
-/// `probe(layer, n)` says what `layer` holds at the first `n` components.
-pub fn resolve(
-    layers_top_first: &[usize],
-    depth: usize,
-    mut probe: impl FnMut(usize, usize) -> io::Result<Probe>,
-) -> io::Result<Visible> {
-    let mut active: Vec<usize> = layers_top_first.to_vec();
-    if depth == 0 {
-        return Ok(active.first().map_or(Visible::Missing, |&layer| Visible::Dir { layer }));
+impl Lower {
+    pub fn open(root: &Path) -> io::Result<Lower> {
+        let root = openat(AT_FDCWD, root, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+        Ok(Lower { root })
     }
-    for n in 1..=depth {
-        let mut dirs = Vec::new();
-        let mut top_non_dir = None;
-        for &layer in &active {
-            match probe(layer, n)? {
-                Probe::Missing => continue,
-                Probe::Whiteout => break,
-                Probe::Dir { opaque } => {
-                    dirs.push(layer);
-                    if opaque {
-                        break;
-                    }
-                }
-                Probe::Other => {
-                    if dirs.is_empty() {
-                        top_non_dir = Some(layer);
-                    }
-                    break;
-                }
+
+    /// Whether the base has anything at `components` (checked one
+    /// component at a time: a symlinked ancestor is not followed, since in
+    /// the merged view nothing can lie below a non-directory).
+    pub fn holds(&self, components: &[&[u8]]) -> io::Result<bool> {
+        for n in 1..=components.len() {
+            let rel = CString::new(components[..n].join(&b'/'))
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+            let st = match fstatat(self.root.as_fd(), rel.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(nix::Error::ENOENT) | Err(nix::Error::ENOTDIR) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+            let is_dir = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR;
+            if n < components.len() && !is_dir {
+                return Ok(false);
             }
         }
-        if let Some(layer) = top_non_dir {
-            return Ok(if n == depth { Visible::NonDir { layer } } else { Visible::BelowNonDir { depth: n, layer } });
-        }
-        if dirs.is_empty() {
-            return Ok(Visible::Missing);
-        }
-        active = dirs;
-    }
-    Ok(Visible::Dir { layer: active[0] })
-}
-
-/// The unpacked lowerdirs, open for lookups.
-pub struct Lowers {
-    /// Root fds of the layers, bottom first.
-    roots: Vec<OwnedFd>,
-}
-
-impl Lowers {
-    pub fn new() -> Lowers {
-        Lowers { roots: Vec::new() }
-    }
-
-    /// Adds the next layer up (opened by path, a directory).
-    pub fn push(&mut self, root: &Path) -> io::Result<()> {
-        let fd = openat(AT_FDCWD, root, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
-        self.roots.push(fd);
-        Ok(())
-    }
-
-    pub fn len(&self) -> usize {
-        self.roots.len()
-    }
-
-    pub fn root(&self, layer: usize) -> std::os::fd::BorrowedFd<'_> {
-        self.roots[layer].as_fd()
-    }
-
-    /// lstat of `rel` (components joined by `/`) in `layer`; None if absent.
-    pub fn lstat(&self, layer: usize, rel: &[u8]) -> io::Result<Option<FileStat>> {
-        let c = CString::new(rel).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
-        match fstatat(self.roots[layer].as_fd(), c.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => Ok(Some(st)),
-            // ENOTDIR: an ancestor is not a directory in this layer, so it
-            // does not hold the path either.
-            Err(nix::Error::ENOENT) | Err(nix::Error::ENOTDIR) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn probe(&self, layer: usize, rel: &[u8]) -> io::Result<Probe> {
-        let Some(st) = self.lstat(layer, rel)? else { return Ok(Probe::Missing) };
-        let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
-        Ok(match kind {
-            SFlag::S_IFDIR => {
-                let path = sys::fd_path(self.roots[layer].as_fd(), rel)?;
-                let value = sys::lgetxattr(&path, c"trusted.overlay.opaque")?;
-                Probe::Dir { opaque: value.as_deref().is_some_and(whiteout::is_opaque_value) }
-            }
-            SFlag::S_IFCHR if st.st_rdev == 0 => Probe::Whiteout,
-            _ => Probe::Other,
-        })
-    }
-
-    /// What layers `0..below` show at `components`.
-    pub fn visible(&self, below: usize, components: &[&[u8]]) -> io::Result<Visible> {
-        let top_first: Vec<usize> = (0..below.min(self.roots.len())).rev().collect();
-        let joined: Vec<Vec<u8>> = (1..=components.len()).map(|n| components[..n].join(&b'/')).collect();
-        resolve(&top_first, components.len(), |layer, n| self.probe(layer, &joined[n - 1]))
+        Ok(true)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    /// A fake stack: (layer, path) → probe.
-    fn stack(entries: &[(usize, &str, Probe)]) -> HashMap<(usize, String), Probe> {
-        entries.iter().map(|(l, p, k)| ((*l, p.to_string()), *k)).collect()
-    }
-
-    fn look(stack: &HashMap<(usize, String), Probe>, layers: usize, path: &str) -> Visible {
-        let comps: Vec<&str> = path.split('/').collect();
-        let top_first: Vec<usize> = (0..layers).rev().collect();
-        resolve(&top_first, comps.len(), |layer, n| {
-            Ok(*stack.get(&(layer, comps[..n].join("/"))).unwrap_or(&Probe::Missing))
-        })
-        .unwrap()
-    }
-
-    const D: Probe = Probe::Dir { opaque: false };
-    const O: Probe = Probe::Dir { opaque: true };
 
     #[test]
-    fn resolves_like_overlayfs() {
-        let s = stack(&[
-            (0, "etc", D),
-            (0, "etc/passwd", Probe::Other),
-            (0, "etc/old", Probe::Other),
-            (1, "etc", D),
-            (1, "etc/old", Probe::Whiteout),
-            (0, "opq", D),
-            (0, "opq/hidden", Probe::Other),
-            (1, "opq", O),
-            (1, "opq/shown", Probe::Other),
-            (0, "bin", Probe::Other),
-            (1, "bin", D),
-            (1, "bin/sh", Probe::Other),
-            (0, "lnk", D),
-            (0, "lnk/x", Probe::Other),
-            (1, "lnk", Probe::Other),
-            (2, "etc", D),
-        ]);
-        let table: &[(&str, Visible)] = &[
-            ("etc", Visible::Dir { layer: 2 }),
-            ("etc/passwd", Visible::NonDir { layer: 0 }),
-            ("etc/old", Visible::Missing),
-            ("etc/none", Visible::Missing),
-            ("opq/hidden", Visible::Missing),
-            ("opq/shown", Visible::NonDir { layer: 1 }),
-            ("opq", Visible::Dir { layer: 1 }),
-            // A dir over a non-dir: the lower non-dir is ignored.
-            ("bin", Visible::Dir { layer: 1 }),
-            ("bin/sh", Visible::NonDir { layer: 1 }),
-            // A non-dir over a dir hides the dir's contents.
-            ("lnk", Visible::NonDir { layer: 1 }),
-            ("lnk/x", Visible::BelowNonDir { depth: 1, layer: 1 }),
-            ("lnk/x/y", Visible::BelowNonDir { depth: 1, layer: 1 }),
-            ("nothing/here", Visible::Missing),
+    fn holds_only_what_a_walk_without_symlinks_reaches() {
+        let dir = tempfile_dir("lower-holds");
+        std::fs::create_dir_all(dir.join("etc/sub")).unwrap();
+        std::fs::write(dir.join("etc/passwd"), b"").unwrap();
+        std::fs::write(dir.join("file"), b"").unwrap();
+        std::os::unix::fs::symlink("etc", dir.join("link")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", dir.join("dangling")).unwrap();
+        let lower = Lower::open(&dir).unwrap();
+        let table: &[(&str, bool)] = &[
+            ("etc", true),
+            ("etc/passwd", true),
+            ("etc/sub", true),
+            ("etc/none", false),
+            ("none/x", false),
+            ("file", true),
+            ("file/x", false),
+            ("link", true),
+            ("link/passwd", false),
+            ("dangling", true),
         ];
         for (path, want) in table {
-            assert_eq!(look(&s, 3, path), *want, "{path}");
+            let comps: Vec<&[u8]> = path.split('/').map(str::as_bytes).collect();
+            assert_eq!(lower.holds(&comps).unwrap(), *want, "{path}");
         }
-        // Seen from layer 1 down only (unpacking layer 1).
-        assert_eq!(look(&s, 1, "etc/old"), Visible::NonDir { layer: 0 });
-        assert_eq!(look(&s, 1, "lnk/x"), Visible::NonDir { layer: 0 });
-        assert_eq!(look(&s, 0, "etc"), Visible::Missing);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("rar-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
     }
 }

@@ -4,9 +4,11 @@
 //! 1. mount /proc, /sys, /dev;
 //! 2. find the disks by virtio-blk serial, read the job;
 //! 3. swap on the scratch disk (if any), mount the scratch tmpfs;
-//! 4. unpack each layer into its own lowerdir, checking its diff_id;
-//! 5. mount the overlay (new mount API, `lowerdir+`);
-//! 6. apply the copy-to-root tars into the merged view;
+//! 4. mount the host's EROFS lower image read-only (the merged base, its
+//!    file data read in place from the layers' own bytes: nothing is
+//!    unpacked, and the guest parses no tar);
+//! 5. mount the overlay over it (new mount API);
+//! 6. copy the copy-to-root tree into the merged view;
 //! 7. run the script in its sandbox;
 //! 8. pack the upper dir as a layer, or the merged view as an export,
 //!    straight onto the output disk;
@@ -20,7 +22,6 @@ mod console;
 mod copyroot;
 mod disks;
 mod fail;
-mod layers;
 mod lower;
 mod mounts;
 mod nodes;
@@ -31,10 +32,8 @@ mod sys;
 mod testutil;
 
 use std::fs::File;
-use std::io::BufReader;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
-use std::time::Instant;
 
 use nix::sys::stat::Mode;
 use nix::time::{clock_gettime, ClockId};
@@ -42,21 +41,18 @@ use runasroot_guest::contract::{FailureKind, Mode as JobMode, Outcome, Status};
 
 use crate::console::{Console, Phase};
 use crate::fail::Failure;
-use crate::lower::Lowers;
+use crate::lower::Lower;
 
 /// Largest script accepted (it is held in memory).
 const MAX_SCRIPT: u64 = 64 << 20;
 /// The open-file limit for guest-init and the script.
 const NOFILE: u64 = 1 << 20;
-/// Read buffer for copy-to-root tars on the job disk.
-const COPY_BUF: usize = 1 << 20;
 
 /// What main carries across the steps, so a failure can still be written.
 struct Run {
     console: Console,
     output: Option<File>,
     timings: Vec<(String, f64)>,
-    diff_ids: Vec<String>,
 }
 
 impl Run {
@@ -76,7 +72,7 @@ struct Done {
 
 fn main() {
     fail::install_panic_hook();
-    let mut run = Run { console: Console::new(), output: None, timings: Vec::new(), diff_ids: Vec::new() };
+    let mut run = Run { console: Console::new(), output: None, timings: Vec::new() };
     run.mark("init");
     let result = panic::catch_unwind(AssertUnwindSafe(|| steps(&mut run)));
     let outcome = match result {
@@ -84,7 +80,6 @@ fn main() {
             status: done.status,
             payload_len: done.payload.as_ref().map_or(0, |w| w.len),
             payload_digest: done.payload.map(|w| w.digest),
-            layer_diff_ids: std::mem::take(&mut run.diff_ids),
             timings: Vec::new(),
         },
         Ok(Err(f)) => failed(&mut run, f),
@@ -99,7 +94,6 @@ fn failed(run: &mut Run, f: Failure) -> Outcome {
         status: Status::Failed { kind: f.kind, reason: f.reason },
         payload_len: 0,
         payload_digest: None,
-        layer_diff_ids: std::mem::take(&mut run.diff_ids),
         timings: Vec::new(),
     }
 }
@@ -120,11 +114,12 @@ fn steps(run: &mut Run) -> Result<Done, Failure> {
     run.console.set_verbose(job.verbose);
     fail::set_scratch_mib(job.scratch_mib);
     run.console.log(&format!(
-        "job: {:?}, {} layers, script: {}, {} copy-to-root tars, scratch {} MiB",
+        "job: {:?}, {} lower devices{}, script: {}, copy-to-root: {}, scratch {} MiB",
         job.mode,
-        job.layers.len(),
+        job.lower.devices.len(),
+        if job.lower.devices.is_empty() { " (flat)" } else { "" },
         job.script.is_some(),
-        job.copy_to_root.len(),
+        job.lower.copy_to_root,
         job.scratch_mib
     ));
     if let Some(swap) = &disks.swap {
@@ -132,36 +127,16 @@ fn steps(run: &mut Run) -> Result<Done, Failure> {
     }
     mounts::mount_scratch(job.scratch_mib)?;
 
-    run.console.phase(Phase::Unpack);
-    let layers_disk = disks.layers.as_deref().map(disks::open_direct).transpose()?.map(|(f, direct)| {
-        run.console.log(&format!("layers disk: O_DIRECT {direct}"));
-        f
-    });
-    let mut lowers = Lowers::new();
-    for (i, spec) in job.layers.iter().enumerate() {
-        let started = Instant::now();
-        let dir = mounts::layer_dir(i);
-        let stats = layers::unpack_layer(i, spec, layers_disk.as_ref(), &dir, &lowers)?;
-        lowers
-            .push(&dir)
-            .map_err(|source| layers::LayerError::Mkdir { layer: i, dir: dir.display().to_string(), source })?;
-        run.console.log(&format!(
-            "layer {i}: {} entries, {} bytes, {} in {:.2}s",
-            stats.entries,
-            stats.bytes,
-            stats.diff_id,
-            started.elapsed().as_secs_f64()
-        ));
-        run.diff_ids.push(stats.diff_id);
-    }
-    run.mark("unpack");
-
-    mounts::mount_overlay(job.layers.len())?;
+    run.console.phase(Phase::Mount);
+    mounts::mount_lower(&disks.lower, &disks.lower_devices(&job.lower.devices)?)?;
+    let base = mounts::lower_base();
+    let lower = Lower::open(&base).map_err(|source| mounts::MountError::Open { path: base.clone(), source })?;
+    mounts::mount_overlay()?;
+    run.mark("mount");
     let merged = Path::new(mounts::MERGED);
-    for (i, blob) in job.copy_to_root.iter().enumerate() {
-        let reader = disks::RangeReader::new(&job_disk, data_offset.saturating_add(blob.offset), blob.length);
-        let n = copyroot::apply(i, merged, BufReader::with_capacity(COPY_BUF, reader))?;
-        run.console.log(&format!("copy-to-root tar {i}: {n} entries"));
+    if job.lower.copy_to_root {
+        let n = copyroot::apply(&mounts::lower_copy(), merged)?;
+        run.console.log(&format!("copy-to-root: {n} nodes"));
     }
 
     let mut made: Vec<&'static str> = Vec::new();
@@ -198,7 +173,7 @@ fn steps(run: &mut Run) -> Result<Done, Failure> {
             // The upper dir must be quiescent: the script's mounts went with
             // its namespace; the overlay itself goes now.
             mounts::unmount(merged)?;
-            pack::pack_layer(&mounts::upper_dir(), &lowers, job.epoch, &skip, output)?
+            pack::pack_layer(&mounts::upper_dir(), &lower, job.epoch, &skip, output)?
         }
         JobMode::Export => {
             let times = pack::ExportTimes { epoch: job.epoch, clamp: job.clamp_mtime };

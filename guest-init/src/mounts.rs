@@ -1,13 +1,14 @@
-//! The guest's mounts: the early pseudo-filesystems, the scratch tmpfs, and
-//! the overlay over the unpacked layers.
+//! The guest's mounts: the early pseudo-filesystems, the lower image, the
+//! scratch tmpfs, and the overlay.
 //!
 //! Layout (all on the initramfs root, which is itself a tmpfs):
 //! ```text
 //! /proc /sys /dev     early mounts (devtmpfs holds the disks)
+//! /lower              the host's EROFS image, read-only
+//!   base              the merged base image: the overlay's only lowerdir
+//!   copy              the --copy-to-root tree (when there is one)
 //! /scratch            tmpfs, size = job.scratch_mib (+ swap behind it)
-//!   l/<i>             lowerdir of layer i (0 = bottom)
 //!   upper, work       the overlay's upper and work dirs
-//!   empty             an empty lowerdir, for a base without layers
 //! /merged             the overlay: the script's root, the export's source
 //! ```
 
@@ -16,17 +17,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use runasroot_guest::contract::FailureKind;
+use runasroot_guest::contract::{self, FailureKind};
 
 use crate::fail::GuestError;
 use crate::sys;
 
+pub const LOWER: &str = "/lower";
 pub const SCRATCH: &str = "/scratch";
 pub const MERGED: &str = "/merged";
 /// The kernel refuses a `lowerdir+` value longer than this (fs/overlayfs/params.c).
 pub const MAX_LOWERDIR_VALUE: usize = 256;
-/// overlayfs stacks at most this many lower layers (OVL_MAX_STACK).
-pub const MAX_LAYERS: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -43,8 +43,19 @@ pub enum MountError {
         #[source]
         source: nix::Error,
     },
-    #[error("the base has {0} layers; overlayfs stacks at most {MAX_LAYERS}")]
-    TooManyLayers(usize),
+    #[error("opening {path} in the lower image")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting the lower image {device} on {LOWER} (erofs, options {options:?})")]
+    Lower {
+        device: PathBuf,
+        options: String,
+        #[source]
+        source: nix::Error,
+    },
     #[error("overlay option {key}={value:?} is longer than the kernel's {MAX_LOWERDIR_VALUE} bytes")]
     ValueTooLong { key: &'static str, value: String },
     #[error("mounting the overlay on {target} (option {step})")]
@@ -70,10 +81,7 @@ pub enum MountError {
 
 impl GuestError for MountError {
     fn kind(&self) -> FailureKind {
-        match self {
-            MountError::TooManyLayers(_) => FailureKind::BadInput,
-            _ => FailureKind::Internal,
-        }
+        FailureKind::Internal
     }
 }
 
@@ -127,10 +135,35 @@ pub fn mount_early() -> Result<(), MountError> {
     EARLY.iter().try_for_each(mount_spec)
 }
 
+/// The mount options of the lower image: one `device=` per extra device
+/// disk, in device-table order (none in flat mode).
+pub fn lower_options(devices: &[PathBuf]) -> String {
+    devices.iter().map(|d| format!("device={}", d.display())).collect::<Vec<_>>().join(",")
+}
+
+/// Mounts the lower image read-only at [`LOWER`].
+pub fn mount_lower(device: &Path, devices: &[PathBuf]) -> Result<(), MountError> {
+    mkdir(Path::new(LOWER), 0o755)?;
+    let options = lower_options(devices);
+    let data = (!options.is_empty()).then_some(options.as_str());
+    mount(Some(device), LOWER, Some("erofs"), MsFlags::MS_RDONLY, data)
+        .map_err(|source| MountError::Lower { device: device.to_path_buf(), options: options.clone(), source })
+}
+
+/// The merged base inside the lower image.
+pub fn lower_base() -> PathBuf {
+    Path::new(LOWER).join(contract::LOWER_BASE)
+}
+
+/// The copy-to-root tree inside the lower image.
+pub fn lower_copy() -> PathBuf {
+    Path::new(LOWER).join(contract::LOWER_COPY)
+}
+
 /// The scratch tmpfs options: an explicit size (tmpfs defaults to half
 /// of RAM and does not count swap), no inode limit (the default, half of
-/// RAM in pages, would run out on a base with many small files before the
-/// bytes do; running out of RAM for inodes is reported as OOM instead).
+/// RAM in pages, could run out before the bytes do; running out of RAM
+/// for inodes is reported as OOM instead).
 pub fn scratch_options(scratch_mib: u64) -> String {
     format!("size={scratch_mib}m,nr_inodes=0,mode=0755")
 }
@@ -140,36 +173,27 @@ pub fn mount_scratch(scratch_mib: u64) -> Result<(), MountError> {
     let opts = scratch_options(scratch_mib);
     mount(Some("scratch"), SCRATCH, Some("tmpfs"), MsFlags::MS_NOSUID, Some(opts.as_str()))
         .map_err(|source| MountError::Mount { fstype: "tmpfs", target: PathBuf::from(SCRATCH), source })?;
-    for dir in ["l", "upper", "work", "empty"] {
+    for dir in ["upper", "work"] {
         mkdir(&Path::new(SCRATCH).join(dir), 0o755)?;
     }
     mkdir(Path::new(MERGED), 0o755)
-}
-
-/// The lowerdir of layer `i` (0 = bottom).
-pub fn layer_dir(i: usize) -> PathBuf {
-    Path::new(SCRATCH).join("l").join(i.to_string())
 }
 
 pub fn upper_dir() -> PathBuf {
     Path::new(SCRATCH).join("upper")
 }
 
-/// The fsconfig calls that mount the overlay, in order: `lowerdir+` once
-/// per layer, the FIRST added being the TOP layer; then upper and work;
-/// then the options that keep the upper dir a plain description of the
-/// changes (FORMATS.md "overlayfs in the guest": no redirect xattrs on
-/// renamed dirs, no metadata-only copy-ups, no hardlink index).
-pub fn overlay_plan(lowers_bottom_first: &[PathBuf], upper: &Path, work: &Path) -> Result<Vec<(&'static str, String)>, MountError> {
-    if lowers_bottom_first.len() > MAX_LAYERS {
-        return Err(MountError::TooManyLayers(lowers_bottom_first.len()));
-    }
-    let mut plan: Vec<(&'static str, String)> = Vec::new();
-    for dir in lowers_bottom_first.iter().rev() {
-        plan.push(("lowerdir+", dir.to_string_lossy().into_owned()));
-    }
-    plan.push(("upperdir", upper.to_string_lossy().into_owned()));
-    plan.push(("workdir", work.to_string_lossy().into_owned()));
+/// The fsconfig calls that mount the overlay, in order: the lower (the
+/// merged base, read-only), upper and work; then the options that keep
+/// the upper dir a plain description of the changes (FORMATS.md
+/// "overlayfs in the guest": no redirect xattrs on renamed dirs, no
+/// metadata-only copy-ups, no hardlink index).
+pub fn overlay_plan(lower: &Path, upper: &Path, work: &Path) -> Result<Vec<(&'static str, String)>, MountError> {
+    let mut plan: Vec<(&'static str, String)> = vec![
+        ("lowerdir+", lower.to_string_lossy().into_owned()),
+        ("upperdir", upper.to_string_lossy().into_owned()),
+        ("workdir", work.to_string_lossy().into_owned()),
+    ];
     for key in ["redirect_dir", "metacopy", "index"] {
         plan.push((key, "off".into()));
     }
@@ -181,15 +205,9 @@ pub fn overlay_plan(lowers_bottom_first: &[PathBuf], upper: &Path, work: &Path) 
     Ok(plan)
 }
 
-/// Mounts the overlay of the layers at [`MERGED`].
-pub fn mount_overlay(layers: usize) -> Result<(), MountError> {
-    let mut lowers: Vec<PathBuf> = (0..layers).map(layer_dir).collect();
-    if lowers.is_empty() {
-        // overlayfs needs at least one lower layer: an empty base gets an
-        // empty one, which changes nothing in the merged view.
-        lowers.push(Path::new(SCRATCH).join("empty"));
-    }
-    let plan = overlay_plan(&lowers, &upper_dir(), &Path::new(SCRATCH).join("work"))?;
+/// Mounts the overlay of the merged base at [`MERGED`].
+pub fn mount_overlay() -> Result<(), MountError> {
+    let plan = overlay_plan(&lower_base(), &upper_dir(), &Path::new(SCRATCH).join("work"))?;
     let fail = |step: String, source| MountError::Overlay { target: MERGED.into(), step, source };
     let ctx = sys::FsContext::open("overlay").map_err(|e| fail("fsopen".into(), e))?;
     for (key, value) in &plan {
@@ -219,16 +237,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn overlay_plan_adds_the_top_layer_first() {
-        let lowers: Vec<PathBuf> = (0..3).map(layer_dir).collect();
-        let plan = overlay_plan(&lowers, &upper_dir(), Path::new("/scratch/work")).unwrap();
+    fn overlay_plan_has_one_lower_and_keeps_the_upper_plain() {
+        let plan = overlay_plan(&lower_base(), &upper_dir(), Path::new("/scratch/work")).unwrap();
         let got: Vec<String> = plan.iter().map(|(k, v)| format!("{k}={v}")).collect();
         assert_eq!(
             got,
             vec![
-                "lowerdir+=/scratch/l/2",
-                "lowerdir+=/scratch/l/1",
-                "lowerdir+=/scratch/l/0",
+                "lowerdir+=/lower/base",
                 "upperdir=/scratch/upper",
                 "workdir=/scratch/work",
                 "redirect_dir=off",
@@ -236,19 +251,14 @@ mod tests {
                 "index=off",
             ]
         );
+        let long = PathBuf::from(format!("/{}", "x".repeat(300)));
+        assert!(matches!(overlay_plan(&long, &upper_dir(), Path::new("/w")), Err(MountError::ValueTooLong { .. })));
     }
 
     #[test]
-    fn overlay_plan_takes_many_layers_and_refuses_too_many() {
-        let lowers: Vec<PathBuf> = (0..MAX_LAYERS).map(layer_dir).collect();
-        let plan = overlay_plan(&lowers, &upper_dir(), Path::new("/w")).unwrap();
-        assert_eq!(plan.len(), MAX_LAYERS + 5);
-        assert_eq!(plan[0], ("lowerdir+", format!("/scratch/l/{}", MAX_LAYERS - 1)));
-        assert!(plan.iter().all(|(_, v)| v.len() <= MAX_LOWERDIR_VALUE));
-        let lowers: Vec<PathBuf> = (0..MAX_LAYERS + 1).map(layer_dir).collect();
-        assert!(matches!(overlay_plan(&lowers, &upper_dir(), Path::new("/w")), Err(MountError::TooManyLayers(501))));
-        let long = vec![PathBuf::from(format!("/{}", "x".repeat(300)))];
-        assert!(matches!(overlay_plan(&long, &upper_dir(), Path::new("/w")), Err(MountError::ValueTooLong { .. })));
+    fn lower_options_name_each_device_disk_in_order() {
+        assert_eq!(lower_options(&[]), "");
+        assert_eq!(lower_options(&[PathBuf::from("/dev/vdc"), PathBuf::from("/dev/vdb")]), "device=/dev/vdc,device=/dev/vdb");
     }
 
     #[test]

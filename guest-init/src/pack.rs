@@ -29,7 +29,7 @@ use runasroot_guest::whiteout;
 
 use crate::disks::{DiskError, PayloadWriter};
 use crate::fail::GuestError;
-use crate::lower::{Lowers, Visible};
+use crate::lower::Lower;
 use crate::nodes::cstr;
 
 /// Write buffer in front of the output disk.
@@ -278,14 +278,14 @@ fn finish<'a>(out: Out<BufWriter<PayloadWriter<'a>>>) -> Result<Written, PackErr
 }
 
 /// Packs the upper dir `upper` as an OCI layer onto the output disk.
-/// `lowers` (all base layers) decides which whiteouts hide something.
-pub fn pack_layer(upper: &std::path::Path, lowers: &Lowers, epoch: u64, skip: &Skip<'_>, disk: &File) -> Result<Written, PackError> {
+/// `lower` (the base) decides which whiteouts hide something.
+pub fn pack_layer(upper: &std::path::Path, lower: &Lower, epoch: u64, skip: &Skip<'_>, disk: &File) -> Result<Written, PackError> {
     let root = openat(nix::fcntl::AT_FDCWD, upper, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| PackError::Walk { tree: "upper dir", path: String::new(), source: e.into() })?;
     let sink = BufWriter::with_capacity(WRITE_BUF, PayloadWriter::new(disk)?);
     let mut out = Out { tar: TarWriter::new(sink), links: HashMap::new(), entries: 0 };
     let mut comps: Vec<Vec<u8>> = Vec::new();
-    layer_dir(&mut out, root.as_fd(), b"", &mut comps, lowers, epoch, skip)?;
+    layer_dir(&mut out, root.as_fd(), b"", &mut comps, lower, epoch, skip)?;
     finish(out)
 }
 
@@ -294,7 +294,7 @@ fn layer_dir<W: Write>(
     dir: BorrowedFd<'_>,
     prefix: &[u8],
     comps: &mut Vec<Vec<u8>>,
-    lowers: &Lowers,
+    lower: &Lower,
     epoch: u64,
     skip: &Skip<'_>,
 ) -> Result<(), PackError> {
@@ -321,9 +321,9 @@ fn layer_dir<W: Write>(
                 // a file) is noise in the layer: drop it.
                 comps.push(c.name.clone());
                 let parts: Vec<&[u8]> = comps.iter().map(Vec::as_slice).collect();
-                let seen = lowers.visible(lowers.len(), &parts).map_err(walk_err(&path));
+                let hides = lower.holds(&parts).map_err(walk_err(&path));
                 comps.pop();
-                if matches!(seen?, Visible::Missing | Visible::BelowNonDir { .. }) {
+                if !hides? {
                     continue;
                 }
             }
@@ -344,7 +344,7 @@ fn layer_dir<W: Write>(
                 }
                 let sub = open_dir(dir, &c.name).map_err(walk_err(&path))?;
                 comps.push(c.name.clone());
-                layer_dir(out, sub.as_fd(), &path, comps, lowers, epoch, skip)?;
+                layer_dir(out, sub.as_fd(), &path, comps, lower, epoch, skip)?;
                 comps.pop();
             }
             _ => out.append_node(dir, "upper dir", &c, path, epoch)?,
@@ -581,8 +581,7 @@ mod tests {
         let tmp = TempDir::new("pack");
         let lower = tmp.path().join("lower");
         Tree(&lower).dir("etc", 0o755, 0).file("etc/old", "o", 0o644).file("etc/zw", "z", 0o644).dir("opq", 0o755, 0);
-        let mut lowers = Lowers::new();
-        lowers.push(&lower).unwrap();
+        let base = Lower::open(&lower).unwrap();
 
         let upper = tmp.path().join("upper");
         Tree(&upper)
@@ -606,7 +605,7 @@ mod tests {
             .dir("dev", 0o755, 0);
         let _sock = std::os::unix::net::UnixListener::bind(upper.join("data/s")).unwrap();
         let (out, out_path) = disk(&tmp);
-        let w = pack_layer(&upper, &lowers, 7, &Skip { top_level: &["dev"] }, &out).unwrap();
+        let w = pack_layer(&upper, &base, 7, &Skip { top_level: &["dev"] }, &out).unwrap();
         let bytes = payload(&out_path, &w);
         assert_eq!(w.digest, format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))));
         assert_eq!(
@@ -632,7 +631,7 @@ mod tests {
         // The same upper dir packs to the same bytes.
         let tmp2 = TempDir::new("pack2");
         let (out2, out2_path) = disk(&tmp2);
-        let w2 = pack_layer(&upper, &lowers, 7, &Skip { top_level: &["dev"] }, &out2).unwrap();
+        let w2 = pack_layer(&upper, &base, 7, &Skip { top_level: &["dev"] }, &out2).unwrap();
         assert_eq!(payload(&out2_path, &w2), bytes);
     }
 
@@ -643,17 +642,19 @@ mod tests {
             return;
         }
         let tmp = TempDir::new("refuse");
-        let lowers = Lowers::new();
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        let base = Lower::open(&empty).unwrap();
         let upper = tmp.path().join("upper");
         Tree(&upper).dir("moved", 0o755, 0).xattr("moved", "trusted.overlay.redirect", b"/orig");
         let (out, _) = disk(&tmp);
-        let e = pack_layer(&upper, &lowers, 1, &Skip { top_level: &[] }, &out).unwrap_err();
+        let e = pack_layer(&upper, &base, 1, &Skip { top_level: &[] }, &out).unwrap_err();
         assert_eq!(e.kind(), FailureKind::Internal);
         assert!(e.to_string().starts_with("\"moved\" in the upper dir carries trusted.overlay.redirect"), "{e}");
 
         let upper2 = tmp.path().join("upper2");
         Tree(&upper2).file(".wh.x", "", 0o644);
-        let e = pack_layer(&upper2, &lowers, 1, &Skip { top_level: &[] }, &out).unwrap_err();
+        let e = pack_layer(&upper2, &base, 1, &Skip { top_level: &[] }, &out).unwrap_err();
         assert_eq!(e.kind(), FailureKind::BadInput);
         assert!(e.to_string().contains("reserves names starting with .wh."), "{e}");
     }

@@ -252,7 +252,7 @@ pub fn oom_failure(oom_killed: bool, status: WaitStatus, code: i32) -> Option<Fa
         WaitStatus::Signaled(_, Signal::SIGKILL, _) => "the script was killed by it".to_string(),
         _ => format!("the script then exited with {code}"),
     };
-    Some(Failure::new(FailureKind::OutOfMemory, format!("the guest ran out of memory (the OOM killer fired; {how}): raise --memory")))
+    Some(Failure::new(FailureKind::OutOfMemory, format!("the guest ran out of memory (the OOM killer fired; {how})")))
 }
 
 fn io_to_nix(e: io::Error) -> nix::Error {
@@ -596,8 +596,8 @@ mod tests {
         let p = Pid::from_raw(1);
         let killed = WaitStatus::Signaled(p, Signal::SIGKILL, false);
         let table: Vec<(bool, WaitStatus, i32, Option<&str>)> = vec![
-            (true, killed, 137, Some("the guest ran out of memory (the OOM killer fired; the script was killed by it): raise --memory")),
-            (true, WaitStatus::Exited(p, 137), 137, Some("the guest ran out of memory (the OOM killer fired; the script then exited with 137): raise --memory")),
+            (true, killed, 137, Some("the guest ran out of memory (the OOM killer fired; the script was killed by it)")),
+            (true, WaitStatus::Exited(p, 137), 137, Some("the guest ran out of memory (the OOM killer fired; the script then exited with 137)")),
             (true, WaitStatus::Exited(p, 0), 0, None),
             (false, killed, 137, None),
             (false, WaitStatus::Exited(p, 1), 1, None),

@@ -112,12 +112,6 @@ pub fn lsetxattr(path: &CStr, name: &CStr, value: &[u8]) -> io::Result<()> {
     check(r).map(drop)
 }
 
-/// Removes one extended attribute (not following a final symlink).
-pub fn lremovexattr(path: &CStr, name: &CStr) -> io::Result<()> {
-    // SAFETY: both strings are NUL-terminated and outlive the call.
-    check(unsafe { libc::lremovexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
-}
-
 /// Every extended attribute of `path` as (name, value), sorted by name.
 pub fn xattrs(path: &CStr) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();

@@ -1,0 +1,195 @@
+//! The guest's read-only view, written by the host: one EROFS image whose
+//! root holds `base/` (the base image, merged) and, with `--copy-to-root`,
+//! `copy/` (the tree the guest copies into the new layer). The guest
+//! mounts it as the overlay's only lowerdir and never parses a tar.
+//!
+//! The base's file data are not copied: each file is a chunk index into
+//! the uncompressed tar it came from (the image's own file, a spool cache
+//! entry, an OCI blob), which the image names as one of its extra devices
+//! ([`devices`]). How those reach the guest depends on the launcher:
+//! * flat (the built-in VMM): one disk made of the image and then each
+//!   device file at the offset the image's device table gives (EROFS
+//!   flat mode), so nothing is copied whatever the image's format;
+//! * separate disks (QEMU): the image is one disk and each device file
+//!   another, as many as the launcher has slots; when there are more
+//!   files than slots, the smallest are gathered into one temporary file
+//!   (the one case where bytes of the base are copied on the host).
+//!
+//! The copy-to-root tree comes from many small host files: its data are
+//! embedded in the image.
+
+mod copy;
+mod devices;
+mod tree;
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use runasroot_guest::contract::{self, serial};
+
+use crate::erofs;
+use crate::image::Layer;
+use crate::layers::{self, IndexStats, LayerError, Spool};
+use crate::machine::{Backing, DiskSpec, Extent};
+
+pub use devices::Layout;
+
+/// Why the lower image could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LowerError {
+    #[error(transparent)]
+    Layers(#[from] LayerError),
+    #[error("cannot read --copy-to-root {path}")]
+    CopyToRoot {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--copy-to-root {path}: {entry:?}: {reason}")]
+    CopyEntry { path: PathBuf, entry: String, reason: &'static str },
+    #[error("cannot write the lower image {path} (is the temporary directory writable and not full?)")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the base cannot be written as an EROFS image")]
+    Erofs(#[source] erofs::Error),
+    #[error("cannot gather layer data into {path} for the guest's disks (is the temporary directory writable and not full?)")]
+    Gather {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What preparing the lower did, for `-v` and the benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LowerStats {
+    pub index: IndexStats,
+    /// Inodes in the image (base and copy tree).
+    pub inodes: usize,
+    /// The image's size (metadata, and embedded copy-to-root data).
+    pub image_bytes: u64,
+    /// Extra devices the image reads file data from.
+    pub devices: usize,
+    /// Bytes of the base copied into a gather file (QEMU with more files
+    /// than disk slots).
+    pub gathered_bytes: u64,
+}
+
+/// The lower image, ready to hand to the guest.
+#[derive(Debug)]
+pub struct Lower {
+    image: PathBuf,
+    image_len: u64,
+    devices: Vec<devices::Device>,
+    /// Where each device starts in the flat layout (bytes).
+    flat_starts: Vec<u64>,
+    layout: Layout,
+    copy_to_root: bool,
+    pub stats: LowerStats,
+    /// Holds the layers' sources (cache entries, temporary spools) open,
+    /// and knows how they were when verified.
+    indexed: layers::Indexed,
+    _gather: Option<tempfile::TempPath>,
+    _copy: copy::Copy,
+}
+
+/// Builds the lower image for `layers` (bottom first) and the
+/// `--copy-to-root` items, in `temp_dir`.
+pub fn build(
+    layers: &[Layer],
+    copy_to_root: &[PathBuf],
+    epoch: u64,
+    spool: Spool<'_>,
+    temp_dir: &Path,
+    layout: Layout,
+) -> Result<Lower, LowerError> {
+    let indexed = layers::index(layers, spool)?;
+    let copy = copy::Copy::read(copy_to_root, epoch, temp_dir)?;
+    let sources: Vec<devices::SourceRange> = indexed
+        .sources
+        .iter()
+        .map(|s| devices::SourceRange { path: s.path.clone(), file_len: s.identity.size, base: s.base, len: s.len })
+        .collect();
+    let plan = devices::plan(&sources, layout);
+    let gather = match plan.gather.is_empty() {
+        true => None,
+        false => Some(devices::gather(&plan, &sources, temp_dir)?),
+    };
+    let devices = plan.devices(gather.as_ref().map(|g| g.path()));
+
+    let tree = tree::build(&indexed.merged, &plan.placement, copy.merged());
+    let image = temp_dir.join("lower.erofs");
+    let werr = |source| LowerError::Write { path: image.clone(), source };
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(&image).map_err(werr)?);
+    let erofs_devices: Vec<erofs::Device> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| erofs::Device { blocks: d.blocks(layout), tag: format!("rar-data-{i}") })
+        .collect();
+    let mut data = copy.data_source();
+    let written = erofs::write(&tree, &erofs_devices, &mut data, &mut out).map_err(|e| match e {
+        erofs::Error::Write { source, .. } => werr(source),
+        other => LowerError::Erofs(other),
+    })?;
+    out.flush().map_err(werr)?;
+    drop(out);
+
+    let stats = LowerStats {
+        index: indexed.stats,
+        inodes: tree.inodes.len(),
+        image_bytes: written.len,
+        devices: devices.len(),
+        gathered_bytes: gather.as_ref().map_or(0, |g| g.bytes),
+    };
+    Ok(Lower {
+        image,
+        image_len: written.len,
+        devices,
+        flat_starts: written.device_starts,
+        layout,
+        copy_to_root: copy.is_some(),
+        stats,
+        indexed,
+        _gather: gather.map(|g| g.into_temp()),
+        _copy: copy,
+    })
+}
+
+impl Lower {
+    /// The guest's disks for the lower (the first one is the image) and
+    /// what the job says about them.
+    pub fn disks(&self) -> (Vec<DiskSpec>, contract::Lower) {
+        match self.layout {
+            Layout::Flat => {
+                let mut extents = vec![Extent { path: self.image.clone(), offset: 0, len: self.image_len, at: 0 }];
+                let mut len = self.image_len;
+                for (d, &at) in self.devices.iter().zip(&self.flat_starts) {
+                    extents.push(Extent { path: d.path.clone(), offset: 0, len: d.len, at });
+                    len = at + d.padded_len();
+                }
+                let disk = DiskSpec { backing: Backing::Concat { extents, len }, read_only: true, serial: serial::LOWER.into() };
+                (vec![disk], contract::Lower { devices: vec![], copy_to_root: self.copy_to_root })
+            }
+            Layout::Disks { .. } => {
+                let mut disks = vec![DiskSpec { backing: Backing::File(self.image.clone()), read_only: true, serial: serial::LOWER.into() }];
+                let mut serials = vec![];
+                for (i, d) in self.devices.iter().enumerate() {
+                    let serial = format!("{}{i}", serial::DATA_PREFIX);
+                    disks.push(DiskSpec { backing: Backing::File(d.path.clone()), read_only: true, serial: serial.clone() });
+                    serials.push(serial);
+                }
+                (disks, contract::Lower { devices: serials, copy_to_root: self.copy_to_root })
+            }
+        }
+    }
+
+    /// Fails if a file the base was read from changed since it was
+    /// verified (the guest may have read other bytes).
+    pub fn check_unchanged(&self) -> Result<(), LowerError> {
+        Ok(self.indexed.check_unchanged()?)
+    }
+}
