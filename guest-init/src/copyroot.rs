@@ -305,3 +305,80 @@ fn apply_entry(root: BorrowedFd<'_>, d: &Described, data: Option<&mut dyn io::Re
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn copies_into_the_root_through_its_symlinks_but_never_out_of_it() {
+        if !is_root() {
+            eprintln!("skipped: needs root (chown to other owners)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("rar-copyroot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = dir.join("root");
+        let outside = dir.join("outside");
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        // The same absolute path inside the root, where the link must lead.
+        std::fs::create_dir_all(root.join(outside.strip_prefix("/").unwrap())).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", root.join("dangling")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+        std::fs::write(root.join("replaced"), b"old").unwrap();
+
+        // The tree to copy, as the lower image would show it.
+        let tree = dir.join("tree");
+        std::fs::create_dir_all(tree.join("bin")).unwrap();
+        std::fs::write(tree.join("bin/tool"), b"hi").unwrap();
+        std::os::unix::fs::chown(tree.join("bin/tool"), Some(1000), Some(1000)).unwrap();
+        std::fs::set_permissions(tree.join("bin/tool"), std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+        std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+        std::fs::hard_link(tree.join("bin/tool"), tree.join("usr/bin/tool2")).unwrap();
+        std::fs::create_dir_all(tree.join("escape")).unwrap();
+        std::fs::write(tree.join("escape/x"), b"x").unwrap();
+        std::fs::create_dir_all(tree.join("replaced")).unwrap();
+        std::os::unix::fs::chown(tree.join("replaced"), Some(1000), Some(1000)).unwrap();
+        std::fs::set_permissions(tree.join("replaced"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        std::fs::create_dir_all(tree.join("deep/new")).unwrap();
+        std::fs::write(tree.join("deep/new/f"), b"f").unwrap();
+
+        // bin/, bin/tool, deep/, deep/new/, deep/new/f, escape/, escape/x,
+        // replaced/, usr/, usr/bin/, usr/bin/tool2.
+        assert_eq!(apply(&tree, &root).unwrap(), 11);
+        assert!(std::fs::symlink_metadata(root.join("bin")).unwrap().file_type().is_symlink(), "bin stays a symlink");
+        let tool = std::fs::metadata(root.join("usr/bin/tool")).unwrap();
+        assert_eq!((tool.mode() & 0o7777, tool.uid(), tool.nlink()), (0o4755, 1000, 2));
+        assert_eq!(std::fs::read(root.join("usr/bin/tool2")).unwrap(), b"hi");
+        // The absolute symlink resolves inside the root, not on the host.
+        assert_eq!(std::fs::read(root.join(outside.strip_prefix("/").unwrap()).join("x")).unwrap(), b"x");
+        assert!(!outside.join("x").exists());
+        let replaced = std::fs::symlink_metadata(root.join("replaced")).unwrap();
+        assert!(replaced.is_dir());
+        assert_eq!((replaced.mode() & 0o7777, replaced.uid()), (0o700, 1000));
+        assert_eq!(std::fs::read(root.join("deep/new/f")).unwrap(), b"f");
+
+        let dangling = dir.join("dangling-tree");
+        std::fs::create_dir_all(dangling.join("dangling")).unwrap();
+        std::fs::write(dangling.join("dangling/x"), b"").unwrap();
+        // A directory of the tree replaces a symlink that leads nowhere (a
+        // symlink to a directory is kept, as above), as tar does.
+        assert_eq!(apply(&dangling, &root).unwrap(), 2);
+        assert!(std::fs::symlink_metadata(root.join("dangling")).unwrap().is_dir());
+
+        let wh = dir.join("wh-tree");
+        std::fs::create_dir_all(wh.join("etc")).unwrap();
+        std::fs::write(wh.join("etc/.wh.passwd"), b"").unwrap();
+        let e = apply(&wh, &root).unwrap_err();
+        assert_eq!(e.kind(), FailureKind::BadInput);
+        assert!(e.to_string().contains("whiteout name"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

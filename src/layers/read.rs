@@ -514,6 +514,7 @@ fn read_meta(raw: RawMeta, label: &str, entry: &[u8]) -> Result<Meta, LayerError
         uid: id("uid", raw.uid)?,
         gid: id("gid", raw.gid)?,
         mtime: raw.mtime.map_err(|e| bad("mtime", e))?,
+        mtime_nsec: 0,
         xattrs: Vec::new(),
     };
     for (key, value) in raw.pax.map_err(|e| bad("pax", e))? {
@@ -521,7 +522,7 @@ fn read_meta(raw: RawMeta, label: &str, entry: &[u8]) -> Result<Meta, LayerError
         // archive/tar, so Docker and umoci, read it so).
         if key == "mtime" {
             if !value.is_empty() {
-                meta.mtime = pax_seconds(&value).ok_or_else(|| bad("mtime", io::Error::other("not a PAX time")))?;
+                (meta.mtime, meta.mtime_nsec) = pax_time(&value).ok_or_else(|| bad("mtime", io::Error::other("not a PAX time")))?;
             }
         } else if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
             // The last record for a name wins, as when a tar is extracted.
@@ -537,17 +538,20 @@ fn read_meta(raw: RawMeta, label: &str, entry: &[u8]) -> Result<Meta, LayerError
     Ok(meta)
 }
 
-/// Whole seconds of a PAX time (`123`, `123.456`, `-1.5`); times before
-/// the epoch become 0 (the export's mtime is unsigned).
-fn pax_seconds(value: &[u8]) -> Option<u64> {
+/// Seconds and nanoseconds of a PAX time (`123`, `123.456`, `-1.5`);
+/// times before the epoch become 0 (mtimes here are unsigned, as in the
+/// export's tar and the lower image's inodes). Digits past the ninth
+/// decimal are dropped.
+fn pax_time(value: &[u8]) -> Option<(u64, u32)> {
     let s = std::str::from_utf8(value).ok()?;
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
     if !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
+    let nsec = frac.bytes().take(9).enumerate().map(|(i, d)| u32::from(d - b'0') * 10u32.pow(8 - i as u32)).sum();
     match int.strip_prefix('-') {
-        Some(neg) => neg.parse::<u64>().ok().map(|_| 0),
-        None => int.parse::<u64>().ok(),
+        Some(neg) => neg.parse::<u64>().ok().map(|_| (0, 0)),
+        None => int.parse::<u64>().ok().map(|secs| (secs, nsec)),
     }
 }
 
@@ -668,16 +672,18 @@ mod tests {
 
     #[test]
     fn reads_pax_times() {
-        let table: &[(&str, Option<u64>)] = &[
-            ("1700000000", Some(1_700_000_000)),
-            ("1700000000.999999999", Some(1_700_000_000)),
-            ("-1.5", Some(0)),
+        let table: &[(&str, Option<(u64, u32)>)] = &[
+            ("1700000000", Some((1_700_000_000, 0))),
+            ("1700000000.999999999", Some((1_700_000_000, 999_999_999))),
+            ("5.25", Some((5, 250_000_000))),
+            ("5.1234567891", Some((5, 123_456_789))),
+            ("-1.5", Some((0, 0))),
             ("12x", None),
             ("1.2.3", None),
             ("", None),
         ];
         for (input, want) in table {
-            assert_eq!(pax_seconds(input.as_bytes()), *want, "{input}");
+            assert_eq!(pax_time(input.as_bytes()), *want, "{input}");
         }
     }
 
@@ -750,6 +756,7 @@ mod tests {
                 uid: 1000,
                 gid: 7,
                 mtime: 123,
+                mtime_nsec: 500_000_000,
                 xattrs: vec![(b"security.capability".to_vec(), b"cap".to_vec()), (b"user.b".to_vec(), b"2".to_vec())],
             }
         );

@@ -45,6 +45,9 @@ pub(crate) struct Meta {
     pub uid: u32,
     pub gid: u32,
     pub mtime: u64,
+    /// From a PAX `mtime` with decimals; the export's tar keeps whole
+    /// seconds (FORMATS.md), the lower image's inodes keep these too.
+    pub mtime_nsec: u32,
     /// Sorted by name, no duplicates, no empty values (a PAX record
     /// without a value unsets), no `trusted.overlay.*`.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
@@ -54,7 +57,7 @@ impl Meta {
     /// What a directory that no layer describes gets: what `mkdir -p`
     /// under umask 022 as root gives, at the epoch (no clock leaks in).
     pub fn implied_dir() -> Meta {
-        Meta { mode: 0o755, uid: 0, gid: 0, mtime: 0, xattrs: Vec::new() }
+        Meta { mode: 0o755, uid: 0, gid: 0, mtime: 0, mtime_nsec: 0, xattrs: Vec::new() }
     }
 }
 
@@ -618,7 +621,7 @@ mod tests {
     use super::*;
 
     fn meta(mode: u32, mtime: u64) -> Meta {
-        Meta { mode, uid: 0, gid: 0, mtime, xattrs: vec![] }
+        Meta { mode, uid: 0, gid: 0, mtime, mtime_nsec: 0, xattrs: vec![] }
     }
 
     /// A layer from (path, kind) pairs, files get offset = their order.

@@ -85,7 +85,7 @@ impl Copy {
             }
             let m = fs::symlink_metadata(&path).map_err(rerr)?;
             let ft = m.file_type();
-            let meta = Meta { mode: m.mode() & MODE_BITS, uid: 0, gid: 0, mtime: epoch, xattrs: Vec::new() };
+            let meta = Meta { mode: m.mode() & MODE_BITS, uid: 0, gid: 0, mtime: epoch, mtime_nsec: 0, xattrs: Vec::new() };
             let kind = if ft.is_dir() {
                 Some(EntryKind::Dir(meta))
             } else if ft.is_file() {

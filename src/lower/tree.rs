@@ -30,7 +30,7 @@ fn root_meta() -> erofs::Meta {
 }
 
 fn meta(m: &Meta) -> erofs::Meta {
-    erofs::Meta { mode: m.mode, uid: m.uid, gid: m.gid, mtime: m.mtime, mtime_nsec: 0, xattrs: m.xattrs.clone() }
+    erofs::Meta { mode: m.mode, uid: m.uid, gid: m.gid, mtime: m.mtime, mtime_nsec: m.mtime_nsec, xattrs: m.xattrs.clone() }
 }
 
 struct Builder {
