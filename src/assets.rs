@@ -41,14 +41,10 @@ pub fn embedded() -> bool {
     !BZIMAGE.is_empty() && !INITRAMFS.is_empty()
 }
 
-/// The embedded initramfs bytes (for launchers that load from memory).
-pub fn initramfs_bytes() -> &'static [u8] {
-    INITRAMFS
-}
-
 /// Finds the guest: overrides first, else the embedded files written into
-/// `scratch` (a per-run temporary directory).
-pub fn prepare(kernel: Option<&Path>, initramfs: Option<&Path>, scratch: &Path) -> Result<Guest, AssetError> {
+/// `scratch` (a per-run temporary directory): the uncompressed vmlinux
+/// (14 MB) only for a launcher that boots it (`want_vmlinux`).
+pub fn prepare(kernel: Option<&Path>, initramfs: Option<&Path>, scratch: &Path, want_vmlinux: bool) -> Result<Guest, AssetError> {
     let write = |name: &str, bytes: &[u8]| -> Result<PathBuf, AssetError> {
         let path = scratch.join(name);
         fs::write(&path, bytes).map_err(|source| AssetError::Write { path: path.clone(), source })?;
@@ -70,7 +66,7 @@ pub fn prepare(kernel: Option<&Path>, initramfs: Option<&Path>, scratch: &Path) 
         }
         None if embedded() => KernelImages {
             bzimage: write("bzImage", BZIMAGE)?,
-            vmlinux: if VMLINUX.is_empty() { None } else { Some(write("vmlinux", VMLINUX)?) },
+            vmlinux: if VMLINUX.is_empty() || !want_vmlinux { None } else { Some(write("vmlinux", VMLINUX)?) },
         },
         None => return Err(AssetError::NotEmbedded),
     };

@@ -358,15 +358,15 @@ fn run_guest(
     let base = lower::build(&image.layers, &job_args.script_args.copy_to_root, job_args.times.epoch, spool, temp, layout)?;
     let st = &base.stats;
     ui.verbose_line(&format!(
-        "runasroot: lower: {} layers, {} inodes, image {} KiB, {} devices; decompressed {} MiB now, {} layers from the cache{}; {} MiB gathered",
+        "runasroot: lower: {} layers, {} inodes, image {} KiB, {} devices; decompressed {:.1} MiB now, {} layers from the cache{}; {:.1} MiB gathered",
         st.index.layers,
         st.inodes,
         st.image_bytes >> 10,
         st.devices,
-        st.index.spooled_bytes >> 20,
+        st.index.spooled_bytes as f64 / (1 << 20) as f64,
         st.index.cache_hits,
         if st.index.cache_rebuilt > 0 { format!(" ({} corrupted entries made anew)", st.index.cache_rebuilt) } else { String::new() },
-        st.gathered_bytes >> 20,
+        st.gathered_bytes as f64 / (1 << 20) as f64,
     ));
     let (lower_disks, lower_spec) = base.disks();
 
@@ -390,7 +390,7 @@ fn run_guest(
     let swap_bytes = vm.disk_size << 20;
     job::write_sparse_disk(&swap_disk, swap_bytes, &job::swap_header(swap_bytes), "swap")?;
 
-    let guest = crate::assets::prepare(vm.kernel.as_deref(), vm.initramfs.as_deref(), temp)?;
+    let guest = crate::assets::prepare(vm.kernel.as_deref(), vm.initramfs.as_deref(), temp, machine.boots_vmlinux())?;
     let spec = GuestSpec {
         kernel: guest.kernel,
         initramfs: guest.initramfs,

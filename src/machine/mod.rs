@@ -131,6 +131,10 @@ pub trait Machine {
     /// How many disks the guest can be given.
     fn max_disks(&self) -> usize;
 
+    /// Whether it boots the uncompressed ELF kernel when there is one
+    /// (else the bzImage).
+    fn boots_vmlinux(&self) -> bool;
+
     /// Boots the guest and runs it until it resets, times out or is
     /// stopped. Console bytes are passed to `console` as they arrive.
     fn run(&mut self, spec: &GuestSpec, console: &mut dyn FnMut(&[u8])) -> Result<GuestExit, MachineError>;

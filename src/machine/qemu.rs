@@ -141,6 +141,10 @@ impl Machine for QemuMachine {
         MAX_DISKS
     }
 
+    fn boots_vmlinux(&self) -> bool {
+        false
+    }
+
     fn run(&mut self, spec: &GuestSpec, console: &mut dyn FnMut(&[u8])) -> Result<GuestExit, MachineError> {
         let mut cmd = Command::new(&self.binary);
         cmd.args(args(spec, self.accel)?)

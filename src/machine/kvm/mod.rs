@@ -346,6 +346,10 @@ impl Machine for KvmMachine {
         layout::MAX_DISKS
     }
 
+    fn boots_vmlinux(&self) -> bool {
+        true
+    }
+
     fn run(&mut self, spec: &GuestSpec, console: &mut dyn FnMut(&[u8])) -> Result<GuestExit, MachineError> {
         Ok(self.start(spec, console)?)
     }
