@@ -2,22 +2,32 @@
 //! and hand back the new layer (or the flattened filesystem).
 //!
 //! The pipeline, in order:
-//! 1. [`image`]: read the base (docker-archive or OCI), select, verify.
-//! 2. [`job`]: lay out the disks: the layer bytes by byte range, the job
-//!    (script, copy-to-root, env, options), a sparse output disk, swap.
-//! 3. [`machine`]: boot our kernel and guest-init through the built-in
-//!    VMM or QEMU microvm; the guest unpacks, runs the script, packs.
-//! 4. [`run`]: read the result, verify it, assemble the new image with
+//! 1. [`image`]: read the base (docker-archive or OCI), select, verify
+//!    the blob digests.
+//! 2. [`layers`]: read every layer's tar headers once (diff_ids checked,
+//!    compressed layers spooled to the [`cache`]) and merge them by the
+//!    overlay rules: the one place OCI layer semantics live.
+//! 3. [`lower`]: write the merged base as an [`erofs`] image whose file
+//!    data point at the layers' own bytes; [`job`]: the script and
+//!    options, a sparse output disk, swap.
+//! 4. [`machine`]: boot our kernel and guest-init through the built-in
+//!    VMM or QEMU microvm; the guest mounts the lower under an overlay,
+//!    runs the script, packs the new layer (it unpacks nothing).
+//! 5. [`run`]: read the result, verify it, assemble the new image with
 //!    [`image`] and write it atomically through [`output`].
 //!
-//! [`export`] flattens an image on the host with no VM at all.
+//! [`export`] writes the same merge as one tar on the host, no VM at all.
 
 pub mod assets;
+pub mod cache;
 pub mod cli;
+pub mod erofs;
 pub mod export;
 pub mod image;
 pub mod interrupt;
 pub mod job;
+pub mod layers;
+pub mod lower;
 pub mod machine;
 pub mod output;
 pub mod run;
