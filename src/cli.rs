@@ -32,9 +32,18 @@ pub struct RunArgs {
     pub input: InputArgs,
 
     /// The script to run as root inside the image (a shebang picks the
-    /// interpreter; otherwise /bin/sh).
+    /// interpreter; otherwise /bin/sh). May be left out when --copy-to-root
+    /// or --config is given: the new layer then holds what they add.
     #[arg(long, value_name = "FILE")]
     pub script: Option<PathBuf>,
+
+    /// The new image's container config: a JSON object of Cmd, Entrypoint,
+    /// Env, WorkingDir, ExposedPorts, Volumes, Labels, User, StopSignal,
+    /// Healthcheck, OnBuild, Shell, ArgsEscaped, merged over the base's
+    /// (a given key replaces the base's, null removes it, Env merges by
+    /// name). The script's environment is not changed by it (use --env).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 
     /// Write the complete new image here (`-` for stdout).
     #[arg(short = 'o', long = "output", value_name = "PATH")]
@@ -55,6 +64,11 @@ pub struct RunArgs {
     /// Compression of the new layer inside the image.
     #[arg(long, value_enum, default_value_t = Compress::None)]
     pub compress: Compress,
+
+    /// Compress the whole archive written with -o (as nixpkgs' buildImage
+    /// `compressor` does); docker load, podman load and skopeo read it.
+    #[arg(long, value_enum, default_value_t = Compress::None)]
+    pub compress_archive: Compress,
 
     /// The image's creation time: RFC 3339 or `now`
     /// [default: SOURCE_DATE_EPOCH, else 1970-01-01T00:00:01Z].
@@ -104,7 +118,8 @@ pub struct ExportArgs {
 #[derive(Debug, Args)]
 pub struct InputArgs {
     /// The base image: a docker-archive, an OCI layout directory or an OCI
-    /// archive (also `docker-archive:PATH`, `oci:DIR[:REF]`, `oci-archive:PATH[:REF]`).
+    /// archive (also `docker-archive:PATH`, `oci:DIR[:REF]`, `oci-archive:PATH[:REF]`),
+    /// or `scratch` to start from nothing (no layers; a file named scratch is `./scratch`).
     #[arg(long, value_name = "IMAGE")]
     pub base: Option<String>,
 
@@ -161,6 +176,12 @@ pub struct VmArgs {
     /// Use this initramfs instead of the embedded one.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
+
+    /// The QEMU to run (a path, or a name looked up like the default)
+    /// [default: $RUNASROOT_QEMU, else qemu-system-x86_64 in PATH, else in
+    /// /usr/local/bin, /usr/bin, /bin and the Nix profiles].
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
 }
 
 /// Output on the terminal.
@@ -204,6 +225,24 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_image_builder_flags() {
+        let cli = Cli::try_parse_from([
+            "runasroot", "--base", "scratch", "--copy-to-root", "root", "--config", "c.json", "--compress-archive", "gzip",
+            "--qemu", "/opt/qemu", "-o", "o.tar.gz",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.input.base.as_deref(), Some("scratch"));
+        assert_eq!(cli.run.script, None);
+        assert_eq!(cli.run.config.as_deref(), Some(std::path::Path::new("c.json")));
+        assert_eq!(cli.run.compress_archive, Compress::Gzip);
+        assert_eq!(cli.run.compress, Compress::None);
+        assert_eq!(cli.run.vm.qemu.as_deref(), Some(std::path::Path::new("/opt/qemu")));
+        let cli = Cli::try_parse_from(["runasroot", "export", "--base", "b.tar", "-o", "x", "--in-vm", "--qemu", "q"]).unwrap();
+        let Some(Command::Export(e)) = cli.command else { panic!() };
+        assert_eq!(e.vm.qemu.as_deref(), Some(std::path::Path::new("q")));
     }
 
     #[test]

@@ -398,6 +398,8 @@ fn write_opts(format: OutputFormat, compress: image::Compression, tag: Option<&s
         compress,
         created: "1970-01-01T00:00:01Z".into(),
         history_created_by: "runasroot --script setup.sh".into(),
+        config: image::ConfigOverrides::default(),
+        archive_compress: image::Compression::None,
     }
 }
 

@@ -10,6 +10,7 @@
 //! OCI archive, written atomically.
 
 mod compress;
+mod config;
 mod digest;
 mod disk;
 mod error;
@@ -23,10 +24,11 @@ use std::path::PathBuf;
 
 pub use runasroot_guest::contract::Compression;
 
+pub use config::{ConfigError, ConfigOverrides};
 pub use disk::LayerDisk;
 pub use error::ImageError;
-pub use read::{open, open_with_progress, Image, OpenOptions, SourceFormat};
-pub use write::{write_image, NewLayer, OutputFormat, WriteOptions};
+pub use read::{open, open_with_progress, Image, OpenOptions, SourceFormat, SCRATCH};
+pub use write::{check_options, write_image, NewLayer, OutputFormat, WriteOptions};
 
 /// A `sha256:<64 hex>` digest, validated on construction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
