@@ -32,8 +32,9 @@ pub struct RunArgs {
     pub input: InputArgs,
 
     /// The script to run as root inside the image (a shebang picks the
-    /// interpreter; otherwise /bin/sh). May be left out when --copy-to-root
-    /// or --config is given: the new layer then holds what they add.
+    /// interpreter; otherwise /bin/sh). May be left out when --copy-to-root,
+    /// --copy-closure or --config is given: the new layer then holds what
+    /// they add.
     #[arg(long, value_name = "FILE")]
     pub script: Option<PathBuf>,
 
@@ -143,6 +144,20 @@ pub struct ScriptArgs {
     /// before the script runs (repeatable; like nixpkgs' copyToRoot).
     #[arg(long = "copy-to-root", value_name = "PATH")]
     pub copy_to_root: Vec<PathBuf>,
+
+    /// In --copy-to-root directories, copy a symlink to a directory as the
+    /// directory it points to (rsync -k; nixpkgs' copyToRoot does this
+    /// unless keepContentsDirlinks), so a buildEnv's `bin -> /nix/store/…`
+    /// becomes a real /bin.
+    #[arg(long)]
+    pub copy_dirlinks: bool,
+
+    /// Copy into the new layer, at their own paths, the Nix store paths
+    /// that the roots listed in FILE refer to: FILE is what Nix writes for
+    /// `exportReferencesGraph` (repeatable). This is what nixpkgs' buildImage
+    /// adds so that copyToRoot's symlinks into /nix/store resolve.
+    #[arg(long = "copy-closure", value_name = "FILE")]
+    pub copy_closure: Vec<PathBuf>,
 }
 
 /// The VM's limits and launcher.

@@ -46,6 +46,12 @@ pub enum JobError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read the store path {path} (--copy-closure)")]
+    ReadStorePath {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot write the {what} disk {path} (is the temporary directory writable and not full?)")]
     WriteDisk {
         what: &'static str,
@@ -197,15 +203,18 @@ impl JobDisk {
 
     /// A --copy-to-root item: a directory is packed (owners root, mtimes
     /// `epoch`, sorted, deterministic); a tar (plain, gzip or zstd) is
-    /// passed through uncompressed.
-    pub fn add_copy_to_root(&mut self, path: &Path, epoch: u64) -> Result<Blob, JobError> {
+    /// passed through uncompressed. With `copy_dirlinks` a symlink to a
+    /// directory inside the tree is packed as that directory (rsync -k,
+    /// nixpkgs' copyToRoot without keepContentsDirlinks).
+    pub fn add_copy_to_root(&mut self, path: &Path, epoch: u64, copy_dirlinks: bool) -> Result<Blob, JobError> {
         let rerr = |source| JobError::ReadCopyToRoot { path: path.to_path_buf(), source };
         let meta = fs::metadata(path).map_err(rerr)?;
         if meta.is_dir() {
             let mut failure = None;
+            let how = Packing { epoch, copy_dirlinks };
             let blob = self.add(|f| {
                 let mut w = TarWriter::new(f);
-                if let Err(e) = pack_dir(&mut w, path, &mut Vec::new(), epoch) {
+                if let Err(e) = pack_dir(&mut w, path, &mut Vec::new(), how, &mut vec![(meta.dev(), meta.ino())]) {
                     failure = Some(e);
                     return Ok(());
                 }
@@ -228,6 +237,26 @@ impl JobDisk {
                 Some(e) => Err(rerr(e)),
                 None => Ok(blob),
             }
+        }
+    }
+
+    /// Store paths (`--copy-closure`) as one tar, each at its own absolute
+    /// path below its parent directories (`nix/`, `nix/store/`, 0755),
+    /// contents as they are (symlinks kept), owners root, mtimes `epoch`.
+    /// `paths` are sorted, so the tar is in the order FORMATS.md asks.
+    pub fn add_store_paths(&mut self, paths: &[PathBuf], epoch: u64) -> Result<Blob, JobError> {
+        let mut failure = None;
+        let blob = self.add(|f| {
+            let mut w = TarWriter::new(f);
+            if let Err(e) = pack_store_paths(&mut w, paths, epoch) {
+                failure = Some(e);
+                return Ok(());
+            }
+            w.finish().map(|_| ())
+        })?;
+        match failure {
+            Some((path, source)) => Err(JobError::ReadStorePath { path, source }),
+            None => Ok(blob),
         }
     }
 
@@ -260,29 +289,101 @@ pub fn open_maybe_compressed(path: &Path) -> io::Result<Box<dyn Read>> {
     })
 }
 
-/// Packs a directory's contents (not the directory itself) depth first.
-fn pack_dir<W: Write>(w: &mut TarWriter<W>, dir: &Path, rel: &mut Vec<u8>, epoch: u64) -> io::Result<()> {
+/// How a host directory is packed.
+#[derive(Debug, Clone, Copy)]
+struct Packing {
+    epoch: u64,
+    /// Follow symlinks to directories (rsync -k).
+    copy_dirlinks: bool,
+}
+
+/// Each store path with its parent directories; errors name the path.
+fn pack_store_paths<W: Write>(w: &mut TarWriter<W>, paths: &[PathBuf], epoch: u64) -> Result<(), (PathBuf, io::Error)> {
     use std::os::unix::ffi::OsStrExt;
+    let how = Packing { epoch, copy_dirlinks: false };
+    let mut dirs_done: Vec<PathBuf> = Vec::new();
+    for path in paths {
+        let err = |e| (path.clone(), e);
+        let rel = path.strip_prefix("/").map_err(|_| err(io::Error::other("not an absolute path")))?;
+        let mut parent = PathBuf::new();
+        for c in rel.parent().into_iter().flat_map(Path::components) {
+            parent.push(c);
+            if !dirs_done.contains(&parent) {
+                let entry = Entry {
+                    path: parent.as_os_str().as_bytes().to_vec(),
+                    kind: Kind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    mtime: epoch,
+                    xattrs: Vec::new(),
+                };
+                w.append(&entry, &mut io::empty()).map_err(err)?;
+                dirs_done.push(parent.clone());
+            }
+        }
+        let meta = fs::symlink_metadata(path).map_err(err)?;
+        let mut rel_bytes = rel.as_os_str().as_bytes().to_vec();
+        let Some(kind) = entry_kind(path, &meta).map_err(err)? else { continue };
+        let entry = Entry { path: rel_bytes.clone(), kind: kind.clone(), mode: meta.mode(), uid: 0, gid: 0, mtime: epoch, xattrs: Vec::new() };
+        match kind {
+            Kind::File { .. } => w.append(&entry, &mut File::open(path).map_err(err)?).map_err(err)?,
+            _ => w.append(&entry, &mut io::empty()).map_err(err)?,
+        }
+        if kind == Kind::Dir {
+            pack_dir(w, path, &mut rel_bytes, how, &mut vec![(meta.dev(), meta.ino())]).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+/// The tar entry kind of a host file, or None for what is not content
+/// (sockets, device nodes).
+fn entry_kind(path: &Path, meta: &fs::Metadata) -> io::Result<Option<Kind>> {
+    use std::os::unix::ffi::OsStrExt;
+    let ft = meta.file_type();
+    Ok(Some(if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_symlink() {
+        Kind::Symlink { target: fs::read_link(path)?.as_os_str().as_bytes().to_vec() }
+    } else if ft.is_file() {
+        Kind::File { size: meta.len() }
+    } else if ft.is_fifo() {
+        Kind::Fifo
+    } else {
+        return Ok(None);
+    }))
+}
+
+/// Packs a directory's contents (not the directory itself) depth first.
+/// `walking` holds the (device, inode) of every directory from the root
+/// down to `dir`: a followed symlink back into one of them is a loop.
+fn pack_dir<W: Write>(w: &mut TarWriter<W>, dir: &Path, rel: &mut Vec<u8>, how: Packing, walking: &mut Vec<(u64, u64)>) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let epoch = how.epoch;
     let mut names: Vec<_> = fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
     names.sort_by(|a, b| tarfmt::compare_siblings(a.as_bytes(), b.as_bytes()));
     for name in names {
         let path = dir.join(&name);
-        let meta = fs::symlink_metadata(&path)?;
+        let mut meta = fs::symlink_metadata(&path)?;
         let base = rel.len();
         if !rel.is_empty() {
             rel.push(b'/');
         }
         rel.extend_from_slice(name.as_bytes());
-        let ft = meta.file_type();
-        let kind = if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            Kind::Symlink { target: fs::read_link(&path)?.as_os_str().as_bytes().to_vec() }
-        } else if ft.is_file() {
-            Kind::File { size: meta.len() }
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else {
+        if how.copy_dirlinks && meta.file_type().is_symlink() {
+            // A dangling link or a link to a file stays a link.
+            if let Some(target) = fs::metadata(&path).ok().filter(fs::Metadata::is_dir) {
+                if walking.contains(&(target.dev(), target.ino())) {
+                    return Err(io::Error::other(format!(
+                        "{} is a symlink to a directory that contains it (a loop)",
+                        path.display()
+                    )));
+                }
+                meta = target;
+            }
+        }
+        let Some(kind) = entry_kind(&path, &meta)? else {
             // Sockets and device nodes in a host directory are not content.
             rel.truncate(base);
             continue;
@@ -293,7 +394,9 @@ fn pack_dir<W: Write>(w: &mut TarWriter<W>, dir: &Path, rel: &mut Vec<u8>, epoch
             _ => w.append(&entry, &mut io::empty())?,
         }
         if kind == Kind::Dir {
-            pack_dir(w, &path, rel, epoch)?;
+            walking.push((meta.dev(), meta.ino()));
+            pack_dir(w, &path, rel, how, walking)?;
+            walking.pop();
         }
         rel.truncate(base);
     }
@@ -359,7 +462,7 @@ mod tests {
         fs::write(root.join("etc/motd"), b"hello").unwrap();
         let mut disk = JobDisk::new(dir.path()).unwrap();
         let s = disk.add_script(&script).unwrap();
-        let c = disk.add_copy_to_root(&root, 7).unwrap();
+        let c = disk.add_copy_to_root(&root, 7, false).unwrap();
         assert_eq!(s, Blob { offset: 0, length: 8 });
         assert_eq!(c.offset, 4096);
         let job = Job {
@@ -389,5 +492,114 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["etc/ 0:0 7", "etc/motd 0:0 7"]);
         assert_eq!(bytes.len() % 4096, 0);
+    }
+
+    /// Every entry of the blob's tar: `path kind mode[ -> link]`.
+    fn blob_listing(disk: JobDisk, dir: &Path, blob: Blob) -> Vec<String> {
+        let job = Job {
+            mode: contract::Mode::Layer,
+            layers: vec![],
+            script: None,
+            copy_to_root: vec![blob],
+            env: vec![],
+            epoch: 7,
+            clamp_mtime: None,
+            scratch_mib: 1,
+            verbose: false,
+        };
+        let _ = dir;
+        let bytes = fs::read(disk.finish(&job).unwrap()).unwrap();
+        let (_, data) = Job::decode(&bytes).unwrap();
+        let tar = &bytes[(data + blob.offset) as usize..(data + blob.offset + blob.length) as usize];
+        tar::Archive::new(tar)
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                let link = e.link_name_bytes().map(|l| format!(" -> {}", String::from_utf8_lossy(&l))).unwrap_or_default();
+                format!("{} {:?} {:o}{link}", String::from_utf8_lossy(&e.path_bytes()), h.entry_type(), h.mode().unwrap())
+            })
+            .collect()
+    }
+
+    /// A buildEnv-like tree: `bin` links to a directory elsewhere, `lib`
+    /// dangles, `sh` links to a file.
+    fn env_tree(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let pkg = dir.join("store/pkg");
+        fs::create_dir_all(pkg.join("bin")).unwrap();
+        fs::write(pkg.join("bin/tool"), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(pkg.join("bin/tool"), fs::Permissions::from_mode(0o555)).unwrap();
+        fs::set_permissions(pkg.join("bin"), fs::Permissions::from_mode(0o555)).unwrap();
+        let root = dir.join("root");
+        fs::create_dir_all(&root).unwrap();
+        symlink(pkg.join("bin"), root.join("bin")).unwrap();
+        symlink("/nonexistent", root.join("lib")).unwrap();
+        symlink(pkg.join("bin/tool"), root.join("sh")).unwrap();
+        root
+    }
+
+    #[test]
+    fn copy_dirlinks_packs_a_linked_directory_as_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = env_tree(dir.path());
+        let pkg_bin = dir.path().join("store/pkg/bin");
+        let mut disk = JobDisk::new(dir.path()).unwrap();
+        let blob = disk.add_copy_to_root(&root, 7, true).unwrap();
+        assert_eq!(
+            blob_listing(disk, dir.path(), blob),
+            vec![
+                "bin/ Directory 555".to_string(),
+                "bin/tool Regular 555".into(),
+                "lib Symlink 777 -> /nonexistent".into(),
+                format!("sh Symlink 777 -> {}/tool", pkg_bin.display()),
+            ]
+        );
+        let mut disk = JobDisk::new(dir.path()).unwrap();
+        let blob = disk.add_copy_to_root(&root, 7, false).unwrap();
+        assert_eq!(blob_listing(disk, dir.path(), blob)[0], format!("bin Symlink 777 -> {}", pkg_bin.display()));
+    }
+
+    #[test]
+    fn copy_dirlinks_refuses_a_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("a")).unwrap();
+        std::os::unix::fs::symlink("..", root.join("a/up")).unwrap();
+        let mut disk = JobDisk::new(dir.path()).unwrap();
+        let e = disk.add_copy_to_root(&root, 7, true).unwrap_err();
+        let cause = std::error::Error::source(&e).unwrap().to_string();
+        assert!(cause.contains("a/up is a symlink to a directory that contains it"), "{cause}");
+    }
+
+    #[test]
+    fn store_paths_go_to_their_own_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        env_tree(dir.path());
+        let store = dir.path().join("store");
+        fs::write(store.join("file.txt"), b"x").unwrap();
+        std::os::unix::fs::symlink("pkg", store.join("link")).unwrap();
+        let paths = [store.join("file.txt"), store.join("link"), store.join("pkg")];
+        let mut disk = JobDisk::new(dir.path()).unwrap();
+        let blob = disk.add_store_paths(&paths, 7).unwrap();
+        let rel = store.strip_prefix("/").unwrap().display().to_string();
+        let mut want: Vec<String> = Vec::new();
+        let mut parent = PathBuf::new();
+        for c in Path::new(&rel).components() {
+            parent.push(c);
+            want.push(format!("{}/ Directory 755", parent.display()));
+        }
+        want.extend([
+            format!("{rel}/file.txt Regular 644"),
+            format!("{rel}/link Symlink 777 -> pkg"),
+            format!("{rel}/pkg/ Directory 755"),
+            format!("{rel}/pkg/bin/ Directory 555"),
+            format!("{rel}/pkg/bin/tool Regular 555"),
+        ]);
+        assert_eq!(blob_listing(disk, dir.path(), blob), want);
+        let mut disk = JobDisk::new(dir.path()).unwrap();
+        let e = disk.add_store_paths(&[store.join("missing")], 7).unwrap_err();
+        assert!(e.to_string().contains("store/missing (--copy-closure)"), "{e}");
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod assets;
 pub mod cli;
+pub mod closure;
 pub mod export;
 pub mod image;
 pub mod interrupt;

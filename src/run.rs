@@ -44,6 +44,8 @@ pub enum RunError {
     MissingScript,
     #[error("reading the new image's config failed")]
     Config(#[from] image::ConfigError),
+    #[error("reading the store paths to copy failed")]
+    Closure(#[from] crate::closure::ClosureError),
     #[error("nothing to write: give -o PATH (the new image) and/or --layer-output PATH (the bare layer)")]
     NoOutput,
     #[error("-o and --layer-output cannot both be standard output")]
@@ -276,6 +278,8 @@ struct GuestJob<'a> {
     mode: Mode,
     script: Option<&'a Path>,
     script_args: &'a ScriptArgs,
+    /// `--copy-closure`, read: the store paths to copy.
+    store_paths: &'a [PathBuf],
     vm: &'a VmArgs,
     times: &'a Times,
 }
@@ -324,12 +328,13 @@ fn run_guest(
     let layer_disk = image.layer_disk(temp)?;
     let mut disk = JobDisk::new(temp)?;
     let script = job_args.script.map(|p| disk.add_script(p)).transpose()?;
-    let copy_to_root = job_args
-        .script_args
-        .copy_to_root
-        .iter()
-        .map(|p| disk.add_copy_to_root(p, job_args.times.epoch))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut copy_to_root = Vec::new();
+    if !job_args.store_paths.is_empty() {
+        copy_to_root.push(disk.add_store_paths(job_args.store_paths, job_args.times.epoch)?);
+    }
+    for p in &job_args.script_args.copy_to_root {
+        copy_to_root.push(disk.add_copy_to_root(p, job_args.times.epoch, job_args.script_args.copy_dirlinks)?);
+    }
     let job = Job {
         mode: job_args.mode,
         layers: image
@@ -530,7 +535,8 @@ fn check_inputs(script: Option<&Path>, script_args: &ScriptArgs, outputs: [Optio
 pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ended, RunError> {
     args.input.base.as_deref().ok_or(RunError::MissingBase)?;
     let script = args.script.as_deref();
-    if script.is_none() && args.script_env.copy_to_root.is_empty() && args.config.is_none() {
+    let adds_files = !args.script_env.copy_to_root.is_empty() || !args.script_env.copy_closure.is_empty();
+    if script.is_none() && !adds_files && args.config.is_none() {
         return Err(RunError::MissingScript);
     }
     let out = args.output.as_deref().map(Target::parse);
@@ -542,6 +548,7 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
         return Err(RunError::BothStdout);
     }
     check_inputs(script, &args.script_env, [out.as_ref(), layer_out.as_ref()])?;
+    let store_paths = crate::closure::read_all(&args.script_env.copy_closure)?;
     let config = args.config.as_deref().map(image::ConfigOverrides::load).transpose()?.unwrap_or_default();
     let times = job::resolve_times(args.created.as_deref(), source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
     let write_opts = image::WriteOptions {
@@ -563,7 +570,7 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
     let mut machine = prepare_machine(&args.vm, ui)?;
     let temp = temp_dir()?;
     let image = open_image(&args.input, temp.path(), ui)?;
-    let job = GuestJob { mode: Mode::Layer, script, script_args: &args.script_env, vm: &args.vm, times: &times };
+    let job = GuestJob { mode: Mode::Layer, script, script_args: &args.script_env, store_paths: &store_paths, vm: &args.vm, times: &times };
     let result = run_guest(machine.as_mut(), &image, &job, temp.path(), ui, stop)?;
     if result.exit_code != 0 {
         return Ok(Ended::ScriptFailed(result.exit_code));
@@ -603,8 +610,13 @@ fn compression(c: cli::Compress) -> image::Compression {
 /// paths (a script run alone keeps the historical `runasroot --script NAME`).
 fn history_line(script: Option<&Path>, args: &RunArgs) -> String {
     let mut line = String::from("runasroot");
-    if !args.script_env.copy_to_root.is_empty() && script.is_none() {
-        line.push_str(" --copy-to-root");
+    if script.is_none() {
+        if !args.script_env.copy_closure.is_empty() {
+            line.push_str(" --copy-closure");
+        }
+        if !args.script_env.copy_to_root.is_empty() {
+            line.push_str(" --copy-to-root");
+        }
     }
     if let Some(script) = script {
         let name = script.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -650,13 +662,21 @@ pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<
     args.input.base.as_deref().ok_or(RunError::MissingBase)?;
     let target = Target::parse(&args.output);
     check_inputs(args.script.as_deref(), &args.script_env, [Some(&target), None])?;
+    let store_paths = crate::closure::read_all(&args.script_env.copy_closure)?;
     let times = job::resolve_times(None, source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
-    let in_vm = args.in_vm || args.script.is_some();
+    let in_vm = args.in_vm || args.script.is_some() || !store_paths.is_empty() || !args.script_env.copy_to_root.is_empty();
     let mut machine = if in_vm { Some(prepare_machine(&args.vm, ui)?) } else { None };
     let temp = temp_dir()?;
     let image = open_image(&args.input, temp.path(), ui)?;
     if let Some(machine) = machine.as_mut() {
-        let job = GuestJob { mode: Mode::Export, script: args.script.as_deref(), script_args: &args.script_env, vm: &args.vm, times: &times };
+        let job = GuestJob {
+            mode: Mode::Export,
+            script: args.script.as_deref(),
+            script_args: &args.script_env,
+            store_paths: &store_paths,
+            vm: &args.vm,
+            times: &times,
+        };
         let result = run_guest(machine.as_mut(), &image, &job, temp.path(), ui, stop)?;
         if result.exit_code != 0 {
             return Ok(Ended::ScriptFailed(result.exit_code));
