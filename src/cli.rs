@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// the new layer (or the flattened filesystem). No root, no Docker daemon.
 #[derive(Debug, Parser)]
 #[command(name = "runasroot", version, args_conflicts_with_subcommands = true)]
-#[command(after_help = "Examples:\n  runasroot --base img.tar --script setup.sh -o new.tar\n  runasroot export --base img.tar -o rootfs.tar\n\n\
+#[command(after_help = "Examples:\n  runasroot --base img.tar --script setup.sh -o new.tar\n  runasroot --base scratch --copy-to-root root/ --config config.json -o new.tar\n  runasroot export --base img.tar -o rootfs.tar\n\n\
 Exit status: the script's own code when it ran; 125 when runasroot failed; 124 when --timeout expired; 130 on Ctrl-C.")]
 pub struct Cli {
     #[command(subcommand)]

@@ -11,6 +11,8 @@
 //!    [`image`] and write it atomically through [`output`].
 //!
 //! [`export`] flattens an image on the host with no VM at all.
+//! [`closure`] reads the Nix store paths `--copy-closure` adds (the Nix
+//! library in `nix/default.nix` drives the CLI).
 
 pub mod assets;
 pub mod cli;

@@ -72,6 +72,8 @@ pub enum RunError {
     Job(#[from] JobError),
     #[error("finding the guest kernel failed")]
     Assets(#[from] crate::assets::AssetError),
+    #[error("no launcher for the guest")]
+    Launcher(#[source] MachineError),
     #[error("running the guest failed")]
     Machine(#[from] MachineError),
     #[error("writing the output failed")]
@@ -310,7 +312,7 @@ fn prepare_machine(vm: &VmArgs, ui: &Ui) -> Result<Box<dyn Machine>, RunError> {
         return Err(RunError::TooLarge { flag: "cpus", max: MAX_CPUS });
     }
     vm.timeout.as_deref().map(parse_timeout).transpose()?;
-    Ok(select::select(vm.vmm, vm.qemu.as_deref().map(Path::as_os_str), &mut |line| ui.notice(line))?)
+    select::select(vm.vmm, vm.qemu.as_deref().map(Path::as_os_str), &mut |line| ui.notice(line)).map_err(RunError::Launcher)
 }
 
 fn run_guest(
