@@ -47,13 +47,34 @@ fn main() {
     fs::write(out.join("initramfs.cpio"), cpio).expect("write initramfs");
 }
 
+/// What build.sh says on stderr when the kernel is not cached.
+const KERNEL_BUILD_STARTS: &str = "kernel-config/build.sh: building kernel";
+
 fn build_kernel(root: &Path) -> PathBuf {
     let script = root.join("kernel-config/build.sh");
-    let output = Command::new("bash")
+    let mut child = Command::new("bash")
         .arg(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    // Cargo shows a build script's output only when it ends, so minutes of
+    // kernel build would pass in silence: say so on the terminal itself.
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let relay = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with(KERNEL_BUILD_STARTS) {
+                if let Ok(mut tty) = fs::OpenOptions::new().write(true).open("/dev/tty") {
+                    let _ = writeln!(tty, "\r\x1b[Krunasroot: building the guest kernel (first time only, about 5 minutes; then cached)");
+                }
+                println!("cargo:warning=built the guest kernel (first time only; then cached)");
+            }
+            eprintln!("{line}");
+        }
+    });
+    let output = child.wait_with_output().unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    let _ = relay.join();
     if !output.status.success() {
         panic!(
             "building the guest kernel failed ({}); see the messages above.\n\

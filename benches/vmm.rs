@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use runasroot::machine::kvm::{self, KvmMachine, TRACE_ENV, TRACE_PREFIX};
 use runasroot::machine::qemu::{Accel, QemuMachine};
-use runasroot::machine::{DiskSpec, GuestExit, GuestSpec, KernelImages, Machine};
+use runasroot::machine::{Backing, DiskSpec, GuestExit, GuestSpec, KernelImages, Machine};
 
 /// Set in the child: the kernel images and initramfs to start, as paths.
 const CHILD_ENV: &str = "RUNASROOT_VMM_BENCH_CHILD";
@@ -83,12 +83,12 @@ fn noop_initramfs(dir: &Path) -> Result<PathBuf, String> {
 /// The disks of a real job: layers (read-only), job (read-only), output.
 fn disks(dir: &Path) -> Vec<DiskSpec> {
     let mut v = Vec::new();
-    for (name, ro, size) in [("rar-layers", true, 8 << 20), ("rar-job", true, 1 << 20), ("rar-output", false, 64 << 20)]
+    for (name, ro, size) in [("rar-lower", true, 8 << 20), ("rar-job", true, 1 << 20), ("rar-output", false, 64 << 20)]
     {
         let path = dir.join(format!("{name}.img"));
         let f = std::fs::File::create(&path).unwrap();
         f.set_len(size).unwrap();
-        v.push(DiskSpec { path, read_only: ro, serial: name.into() });
+        v.push(DiskSpec { backing: Backing::File(path), read_only: ro, serial: name.into() });
     }
     v
 }

@@ -16,10 +16,11 @@
 //!   are removed until the total fits the limit; an entry that another
 //!   run holds is never removed.
 //! * Location: `$RUNASROOT_CACHE`, else `$XDG_CACHE_HOME/runasroot`, else
-//!   `$HOME/.cache/runasroot`: the first that can be created and written.
-//!   When none can (inside a Nix build HOME is `/homeless-shelter`), or
-//!   with `--no-cache`, there is no cache and decompressed layers go to a
-//!   temporary file in TMPDIR instead.
+//!   `$HOME/.cache/runasroot`, created where missing, but never creating
+//!   `$XDG_CACHE_HOME` or `$HOME` themselves: inside a Nix build HOME is
+//!   `/homeless-shelter`, which must stay absent even for root. When the
+//!   place cannot be used, or with `--no-cache`, there is no cache and
+//!   decompressed layers go to a temporary file in TMPDIR instead.
 
 use std::fs::{self, File};
 use std::io;
@@ -46,6 +47,8 @@ const TEMP_PREFIX: &str = ".new-";
 pub enum CacheError {
     #[error("no cache directory: none of $RUNASROOT_CACHE, $XDG_CACHE_HOME, $HOME is set")]
     NoLocation,
+    #[error("{0} does not exist (runasroot does not create it)")]
+    NoAnchor(PathBuf),
     #[error("cannot use {dir} as the cache directory")]
     Unusable {
         dir: PathBuf,
@@ -83,15 +86,17 @@ impl Location {
         }
     }
 
-    /// The cache root the environment names, most specific first.
-    pub fn root(&self) -> Option<PathBuf> {
+    /// The cache root the environment names, most specific first, and
+    /// the directory that must already exist for it to be used (none for
+    /// `$RUNASROOT_CACHE`, which is created if missing).
+    pub fn root(&self) -> Option<(PathBuf, Option<PathBuf>)> {
         if let Some(d) = &self.runasroot_cache {
-            return Some(PathBuf::from(d));
+            return Some((PathBuf::from(d), None));
         }
         if let Some(d) = &self.xdg_cache_home {
-            return Some(Path::new(d).join("runasroot"));
+            return Some((Path::new(d).join("runasroot"), Some(PathBuf::from(d))));
         }
-        self.home.as_ref().map(|h| Path::new(h).join(".cache").join("runasroot"))
+        self.home.as_ref().map(|h| (Path::new(h).join(".cache").join("runasroot"), Some(PathBuf::from(h))))
     }
 }
 
@@ -102,7 +107,11 @@ impl Cache {
             Some(v) => v.trim().parse::<u64>().map_err(|_| CacheError::BadLimit(v.clone()))?,
             None => DEFAULT_LIMIT_MIB,
         };
-        let dir = location.root().ok_or(CacheError::NoLocation)?.join(SPOOL_DIR);
+        let (root, anchor) = location.root().ok_or(CacheError::NoLocation)?;
+        if let Some(anchor) = anchor.filter(|a| !a.is_dir()) {
+            return Err(CacheError::NoAnchor(anchor));
+        }
+        let dir = root.join(SPOOL_DIR);
         let unusable = |source| CacheError::Unusable { dir: dir.clone(), source };
         fs::create_dir_all(&dir).map_err(unusable)?;
         // Writable? (create_dir_all succeeds on an existing read-only dir.)
@@ -293,11 +302,17 @@ mod tests {
             home: h.map(String::from),
             limit: None,
         };
-        assert_eq!(l(Some("/c"), Some("/x"), Some("/h")).root(), Some(PathBuf::from("/c")));
-        assert_eq!(l(None, Some("/x"), Some("/h")).root(), Some(PathBuf::from("/x/runasroot")));
-        assert_eq!(l(None, None, Some("/h")).root(), Some(PathBuf::from("/h/.cache/runasroot")));
+        let p = PathBuf::from;
+        assert_eq!(l(Some("/c"), Some("/x"), Some("/h")).root(), Some((p("/c"), None)));
+        assert_eq!(l(None, Some("/x"), Some("/h")).root(), Some((p("/x/runasroot"), Some(p("/x")))));
+        assert_eq!(l(None, None, Some("/h")).root(), Some((p("/h/.cache/runasroot"), Some(p("/h")))));
         assert_eq!(l(None, None, None).root(), None);
         assert!(matches!(Cache::open(&l(None, None, None)), Err(CacheError::NoLocation)));
+        // A Nix build's HOME is never created, even by root.
+        let shelter = std::env::temp_dir().join(format!("rar-homeless-{}", std::process::id()));
+        let e = Cache::open(&l(None, None, Some(shelter.to_str().unwrap()))).unwrap_err();
+        assert!(matches!(e, CacheError::NoAnchor(_)), "{e}");
+        assert!(!shelter.exists());
     }
 
     #[test]

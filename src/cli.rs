@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// the new layer (or the flattened filesystem). No root, no Docker daemon.
 #[derive(Debug, Parser)]
 #[command(name = "runasroot", version, args_conflicts_with_subcommands = true)]
-#[command(after_help = "Examples:\n  runasroot --base img.tar --script setup.sh -o new.tar\n  runasroot export --base img.tar -o rootfs.tar\n\n\
+#[command(after_help = "Examples:\n  runasroot --base img.tar --script setup.sh -o new.tar\n  runasroot --base scratch --copy-to-root root/ --config config.json -o new.tar\n  runasroot export --base img.tar -o rootfs.tar\n\n\
 Exit status: the script's own code when it ran; 125 when runasroot failed; 124 when --timeout expired; 130 on Ctrl-C.")]
 pub struct Cli {
     #[command(subcommand)]
@@ -32,9 +32,19 @@ pub struct RunArgs {
     pub input: InputArgs,
 
     /// The script to run as root inside the image (a shebang picks the
-    /// interpreter; otherwise /bin/sh).
+    /// interpreter; otherwise /bin/sh). May be left out when --copy-to-root,
+    /// --copy-closure or --config is given: the new layer then holds what
+    /// they add.
     #[arg(long, value_name = "FILE")]
     pub script: Option<PathBuf>,
+
+    /// The new image's container config: a JSON object of Cmd, Entrypoint,
+    /// Env, WorkingDir, ExposedPorts, Volumes, Labels, User, StopSignal,
+    /// Healthcheck, OnBuild, Shell, ArgsEscaped, merged over the base's
+    /// (a given key replaces the base's, null removes it, Env merges by
+    /// name). The script's environment is not changed by it (use --env).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 
     /// Write the complete new image here (`-` for stdout).
     #[arg(short = 'o', long = "output", value_name = "PATH")]
@@ -55,6 +65,11 @@ pub struct RunArgs {
     /// Compression of the new layer inside the image.
     #[arg(long, value_enum, default_value_t = Compress::None)]
     pub compress: Compress,
+
+    /// Compress the whole archive written with -o (as nixpkgs' buildImage
+    /// `compressor` does); docker load, podman load and skopeo read it.
+    #[arg(long, value_enum, default_value_t = Compress::None)]
+    pub compress_archive: Compress,
 
     /// The image's creation time: RFC 3339 or `now`
     /// [default: SOURCE_DATE_EPOCH, else 1970-01-01T00:00:01Z].
@@ -104,7 +119,8 @@ pub struct ExportArgs {
 #[derive(Debug, Args)]
 pub struct InputArgs {
     /// The base image: a docker-archive, an OCI layout directory or an OCI
-    /// archive (also `docker-archive:PATH`, `oci:DIR[:REF]`, `oci-archive:PATH[:REF]`).
+    /// archive (also `docker-archive:PATH`, `oci:DIR[:REF]`, `oci-archive:PATH[:REF]`),
+    /// or `scratch` to start from nothing (no layers; a file named scratch is `./scratch`).
     #[arg(long, value_name = "IMAGE")]
     pub base: Option<String>,
 
@@ -133,6 +149,20 @@ pub struct ScriptArgs {
     /// before the script runs (repeatable; like nixpkgs' copyToRoot).
     #[arg(long = "copy-to-root", value_name = "PATH")]
     pub copy_to_root: Vec<PathBuf>,
+
+    /// In --copy-to-root directories, copy a symlink to a directory as the
+    /// directory it points to (rsync -k; nixpkgs' copyToRoot does this
+    /// unless keepContentsDirlinks), so a buildEnv's `bin -> /nix/store/…`
+    /// becomes a real /bin.
+    #[arg(long)]
+    pub copy_dirlinks: bool,
+
+    /// Copy into the new layer, at their own paths, the Nix store paths
+    /// that the roots listed in FILE refer to: FILE is what Nix writes for
+    /// `exportReferencesGraph` (repeatable). This is what nixpkgs' buildImage
+    /// adds so that copyToRoot's symlinks into /nix/store resolve.
+    #[arg(long = "copy-closure", value_name = "FILE")]
+    pub copy_closure: Vec<PathBuf>,
 }
 
 /// The VM's limits and launcher.
@@ -167,6 +197,12 @@ pub struct VmArgs {
     /// Use this initramfs instead of the embedded one.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
+
+    /// The QEMU to run (a path, or a name looked up like the default)
+    /// [default: $RUNASROOT_QEMU, else qemu-system-x86_64 in PATH, else in
+    /// /usr/local/bin, /usr/bin, /bin and the Nix profiles].
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
 }
 
 /// Output on the terminal.
@@ -210,6 +246,24 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_image_builder_flags() {
+        let cli = Cli::try_parse_from([
+            "runasroot", "--base", "scratch", "--copy-to-root", "root", "--config", "c.json", "--compress-archive", "gzip",
+            "--qemu", "/opt/qemu", "-o", "o.tar.gz",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.input.base.as_deref(), Some("scratch"));
+        assert_eq!(cli.run.script, None);
+        assert_eq!(cli.run.config.as_deref(), Some(std::path::Path::new("c.json")));
+        assert_eq!(cli.run.compress_archive, Compress::Gzip);
+        assert_eq!(cli.run.compress, Compress::None);
+        assert_eq!(cli.run.vm.qemu.as_deref(), Some(std::path::Path::new("/opt/qemu")));
+        let cli = Cli::try_parse_from(["runasroot", "export", "--base", "b.tar", "-o", "x", "--in-vm", "--qemu", "q"]).unwrap();
+        let Some(Command::Export(e)) = cli.command else { panic!() };
+        assert_eq!(e.vm.qemu.as_deref(), Some(std::path::Path::new("q")));
     }
 
     #[test]

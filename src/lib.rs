@@ -17,10 +17,13 @@
 //!    [`image`] and write it atomically through [`output`].
 //!
 //! [`export`] writes the same merge as one tar on the host, no VM at all.
+//! [`closure`] reads the Nix store paths `--copy-closure` adds (the Nix
+//! library in `nix/default.nix` drives the CLI).
 
 pub mod assets;
 pub mod cache;
 pub mod cli;
+pub mod closure;
 pub mod erofs;
 pub mod export;
 pub mod image;

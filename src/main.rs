@@ -7,7 +7,19 @@ use std::process::ExitCode;
 use clap::Parser;
 use runasroot::run::{self, Ended};
 
+/// What `runasroot` alone prints: the two forms and where the rest is.
+const NO_ARGUMENTS: &str = concat!(
+    "runasroot: run a root script over a container image inside a microVM\n",
+    "usage: runasroot --base IMAGE --script FILE -o NEW.tar\n",
+    "       runasroot export --base IMAGE -o ROOTFS.tar\n",
+    "see `runasroot --help` for every option",
+);
+
 fn main() -> ExitCode {
+    if std::env::args_os().len() <= 1 {
+        eprintln!("{NO_ARGUMENTS}");
+        return ExitCode::from(run::EXIT_FAILED);
+    }
     // A usage error is runasroot failing, so 125 as for any other failure
     // (clap's own default is 2, which a script could have returned).
     let cli = match runasroot::cli::Cli::try_parse() {

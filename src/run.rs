@@ -43,10 +43,14 @@ const FIXED_DISKS: usize = 4;
 /// Errors of a run, each naming what failed and the fix where there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("--base IMAGE is required")]
+    #[error("--base IMAGE is required (or --base scratch to start from nothing); see runasroot --help")]
     MissingBase,
-    #[error("--script FILE is required (or use `runasroot export`)")]
+    #[error("--script FILE is required, unless --copy-to-root or --config says what the new layer holds (or use `runasroot export`)")]
     MissingScript,
+    #[error("reading the new image's config failed")]
+    Config(#[from] image::ConfigError),
+    #[error("reading the store paths to copy failed")]
+    Closure(#[from] crate::closure::ClosureError),
     #[error("nothing to write: give -o PATH (the new image) and/or --layer-output PATH (the bare layer)")]
     NoOutput,
     #[error("-o and --layer-output cannot both be standard output")]
@@ -75,6 +79,8 @@ pub enum RunError {
     Lower(#[from] LowerError),
     #[error("finding the guest kernel failed")]
     Assets(#[from] crate::assets::AssetError),
+    #[error("no launcher for the guest")]
+    Launcher(#[source] MachineError),
     #[error("running the guest failed")]
     Machine(#[from] MachineError),
     #[error("writing the output failed")]
@@ -286,6 +292,8 @@ struct GuestJob<'a> {
     mode: Mode,
     script: Option<&'a Path>,
     script_args: &'a ScriptArgs,
+    /// `--copy-closure`, read: the store paths to copy.
+    store_paths: &'a [PathBuf],
     vm: &'a VmArgs,
     times: &'a Times,
     cache: Option<&'a Cache>,
@@ -335,7 +343,7 @@ fn prepare_machine(vm: &VmArgs, ui: &Ui) -> Result<Box<dyn Machine>, RunError> {
         return Err(RunError::TooLarge { flag: "cpus", max: MAX_CPUS });
     }
     vm.timeout.as_deref().map(parse_timeout).transpose()?;
-    Ok(select::select(vm.vmm, &mut |line| ui.notice(line))?)
+    select::select(vm.vmm, vm.qemu.as_deref().map(Path::as_os_str), &mut |line| ui.notice(line)).map_err(RunError::Launcher)
 }
 
 fn run_guest(
@@ -355,7 +363,12 @@ fn run_guest(
         false => Layout::Disks { max: machine.max_disks().saturating_sub(FIXED_DISKS) },
     };
     let spool = Spool { cache: job_args.cache, temp_dir: temp };
-    let base = lower::build(&image.layers, &job_args.script_args.copy_to_root, job_args.times.epoch, spool, temp, layout)?;
+    let copy = lower::CopySpec {
+        items: &job_args.script_args.copy_to_root,
+        store_paths: job_args.store_paths,
+        copy_dirlinks: job_args.script_args.copy_dirlinks,
+    };
+    let base = lower::build(&image.layers, copy, job_args.times.epoch, spool, temp, layout)?;
     let st = &base.stats;
     ui.verbose_line(&format!(
         "runasroot: lower: {} layers, {} inodes, image {} KiB, {} devices; decompressed {:.1} MiB now, {} layers from the cache{}; {:.1} MiB gathered",
@@ -550,7 +563,11 @@ fn check_inputs(script: Option<&Path>, script_args: &ScriptArgs, outputs: [Optio
 /// `runasroot --base … --script … -o …`.
 pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ended, RunError> {
     args.input.base.as_deref().ok_or(RunError::MissingBase)?;
-    let script = args.script.as_deref().ok_or(RunError::MissingScript)?;
+    let script = args.script.as_deref();
+    let adds_files = !args.script_env.copy_to_root.is_empty() || !args.script_env.copy_closure.is_empty();
+    if script.is_none() && !adds_files && args.config.is_none() {
+        return Err(RunError::MissingScript);
+    }
     let out = args.output.as_deref().map(Target::parse);
     let layer_out = args.layer_output.as_deref().map(Target::parse);
     if out.is_none() && layer_out.is_none() {
@@ -559,16 +576,35 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
     if out == Some(Target::Stdout) && layer_out == Some(Target::Stdout) {
         return Err(RunError::BothStdout);
     }
-    check_inputs(Some(script), &args.script_env, [out.as_ref(), layer_out.as_ref()])?;
+    check_inputs(script, &args.script_env, [out.as_ref(), layer_out.as_ref()])?;
+    let store_paths = crate::closure::read_all(&args.script_env.copy_closure)?;
+    let config = args.config.as_deref().map(image::ConfigOverrides::load).transpose()?.unwrap_or_default();
     let times = job::resolve_times(args.created.as_deref(), source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
+    let write_opts = image::WriteOptions {
+        format: match args.format {
+            cli::Format::DockerArchive => image::OutputFormat::DockerArchive,
+            cli::Format::Oci => image::OutputFormat::Oci,
+            cli::Format::OciArchive => image::OutputFormat::OciArchive,
+        },
+        tag: args.tag.clone(),
+        compress: compression(args.compress),
+        created: times.created.clone(),
+        history_created_by: history_line(script, args),
+        config,
+        archive_compress: compression(args.compress_archive),
+    };
+    if let Some(target) = &out {
+        image::check_options(&write_opts, target).map_err(RunError::WriteImage)?;
+    }
     let mut machine = prepare_machine(&args.vm, ui)?;
     let temp = temp_dir()?;
     let image = open_image(&args.input, temp.path(), ui)?;
     let cache = open_cache(args.input.no_cache, ui);
     let job = GuestJob {
         mode: Mode::Layer,
-        script: Some(script),
+        script,
         script_args: &args.script_env,
+        store_paths: &store_paths,
         vm: &args.vm,
         times: &times,
         cache: cache.as_ref(),
@@ -586,32 +622,77 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
         write_payload(&result, target)?;
     }
     if let Some(target) = &out {
-        let new = image::NewLayer { path: layer_path, diff_id, size: result.payload_len };
-        let opts = image::WriteOptions {
-            format: match args.format {
-                cli::Format::DockerArchive => image::OutputFormat::DockerArchive,
-                cli::Format::Oci => image::OutputFormat::Oci,
-                cli::Format::OciArchive => image::OutputFormat::OciArchive,
-            },
-            tag: args.tag.clone(),
-            compress: match args.compress {
-                cli::Compress::None => image::Compression::None,
-                cli::Compress::Gzip => image::Compression::Gzip,
-                cli::Compress::Zstd => image::Compression::Zstd,
-            },
-            created: times.created.clone(),
-            history_created_by: history_line(script),
-        };
-        image::write_image(&image, &new, &opts, target).map_err(RunError::WriteImage)?;
+        let new = image::NewLayer { path: layer_path, diff_id: diff_id.clone(), size: result.payload_len };
+        image::write_image(&image, &new, &write_opts, target).map_err(RunError::WriteImage)?;
     }
     ui.finish();
+    let image_out = out.as_ref().map(|t| WrittenImage {
+        target: t,
+        format: args.format,
+        layers: image.layers.len() + 1,
+        tag: args.tag.as_deref(),
+    });
+    ui.notice(&written_line(image_out, layer_out.as_ref(), &diff_id, result.payload_len));
     Ok(Ended::Done)
 }
 
-/// The history entry's `created_by`: what ran, without host paths.
-fn history_line(script: &Path) -> String {
-    let name = script.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    format!("runasroot --script {name}")
+fn compression(c: cli::Compress) -> image::Compression {
+    match c {
+        cli::Compress::None => image::Compression::None,
+        cli::Compress::Gzip => image::Compression::Gzip,
+        cli::Compress::Zstd => image::Compression::Zstd,
+    }
+}
+
+/// The history entry's `created_by`: what made the layer, without host
+/// paths (a script run alone keeps the historical `runasroot --script NAME`).
+fn history_line(script: Option<&Path>, args: &RunArgs) -> String {
+    let mut line = String::from("runasroot");
+    if script.is_none() {
+        if !args.script_env.copy_closure.is_empty() {
+            line.push_str(" --copy-closure");
+        }
+        if !args.script_env.copy_to_root.is_empty() {
+            line.push_str(" --copy-to-root");
+        }
+    }
+    if let Some(script) = script {
+        let name = script.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        line.push_str(&format!(" --script {name}"));
+    }
+    line
+}
+
+/// The image written with -o, for the closing line.
+struct WrittenImage<'a> {
+    target: &'a Target,
+    format: cli::Format,
+    layers: usize,
+    tag: Option<&'a str>,
+}
+
+/// "1 layer", "3 layers".
+fn layers(n: usize) -> String {
+    format!("{n} layer{}", if n == 1 { "" } else { "s" })
+}
+
+/// The one line on stderr after a run that wrote its outputs (hidden by -q).
+fn written_line(image: Option<WrittenImage>, layer: Option<&Target>, diff_id: &Digest, layer_len: u64) -> String {
+    let short = &diff_id.hex()[..12];
+    let mut parts = Vec::new();
+    if let Some(i) = image {
+        let format = match i.format {
+            cli::Format::DockerArchive => "docker-archive",
+            cli::Format::Oci => "OCI layout",
+            cli::Format::OciArchive => "OCI archive",
+        };
+        let tag = i.tag.map(|t| format!(", tagged {t}")).unwrap_or_default();
+        parts.push(format!("{} ({format}, {}{tag})", i.target.describe(), layers(i.layers)));
+    }
+    if let Some(t) = layer {
+        parts.push(format!("{} (the new layer, {layer_len} bytes)", t.describe()));
+    }
+    format!("runasroot: wrote {}; new layer sha256:{short}", parts.join(" and "))
 }
 
 /// `runasroot export …`.
@@ -619,8 +700,9 @@ pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<
     args.input.base.as_deref().ok_or(RunError::MissingBase)?;
     let target = Target::parse(&args.output);
     check_inputs(args.script.as_deref(), &args.script_env, [Some(&target), None])?;
+    let store_paths = crate::closure::read_all(&args.script_env.copy_closure)?;
     let times = job::resolve_times(None, source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
-    let in_vm = args.in_vm || args.script.is_some();
+    let in_vm = args.in_vm || args.script.is_some() || !store_paths.is_empty() || !args.script_env.copy_to_root.is_empty();
     let mut machine = if in_vm { Some(prepare_machine(&args.vm, ui)?) } else { None };
     let temp = temp_dir()?;
     let image = open_image(&args.input, temp.path(), ui)?;
@@ -630,6 +712,7 @@ pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<
             mode: Mode::Export,
             script: args.script.as_deref(),
             script_args: &args.script_env,
+            store_paths: &store_paths,
             vm: &args.vm,
             times: &times,
             cache: cache.as_ref(),
@@ -640,6 +723,8 @@ pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<
         }
         ui.phase("writing the export");
         write_payload(&result, &target)?;
+        ui.finish();
+        ui.notice(&format!("runasroot: wrote {} (the filesystem of {}, flattened in the VM)", target.describe(), layers(image.layers.len())));
     } else {
         ui.phase("flattening on the host");
         let spool = Spool { cache: cache.as_ref(), temp_dir: temp.path() };
@@ -656,6 +741,8 @@ pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<
             return Err(e.into());
         }
         written?;
+        ui.finish();
+        ui.notice(&format!("runasroot: wrote {} (the filesystem of {}, flattened)", target.describe(), layers(image.layers.len())));
     }
     ui.finish();
     Ok(Ended::Done)
@@ -690,6 +777,21 @@ mod tests {
         assert_eq!(parse_timeout("5m").unwrap(), Duration::from_secs(300));
         assert!(parse_timeout("soon").is_err());
         assert!(parse_timeout("-3").is_err());
+    }
+
+    #[test]
+    fn the_closing_line_names_what_was_written() {
+        let d = Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
+        let out = Target::Path("out/new.tar".into());
+        let layer = Target::Path("layer.tar".into());
+        let img = |target| WrittenImage { target, format: cli::Format::DockerArchive, layers: 3, tag: Some("redis:7") };
+        assert_eq!(
+            written_line(Some(img(&out)), Some(&layer), &d, 10240),
+            "runasroot: wrote out/new.tar (docker-archive, 3 layers, tagged redis:7) and layer.tar (the new layer, 10240 bytes); new layer sha256:abababababab"
+        );
+        assert_eq!(written_line(None, Some(&Target::Stdout), &d, 1024), "runasroot: wrote standard output (the new layer, 1024 bytes); new layer sha256:abababababab");
+        let oci = WrittenImage { target: &out, format: cli::Format::Oci, layers: 1, tag: None };
+        assert_eq!(written_line(Some(oci), None, &d, 0), "runasroot: wrote out/new.tar (OCI layout, 1 layer); new layer sha256:abababababab");
     }
 
     #[test]

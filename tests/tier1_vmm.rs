@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runasroot::machine::kvm::{boot, KvmMachine};
-use runasroot::machine::{DiskSpec, GuestExit, GuestSpec, KernelImages, Machine};
+use runasroot::machine::{Backing, DiskSpec, GuestExit, GuestSpec, KernelImages, Machine};
 
 /// The reason the built-in VMM cannot run at all here, if any.
 fn kvm_unusable() -> Option<String> {
@@ -87,8 +87,8 @@ fn tier1_test_guest_copies_a_sector_and_resets() {
     std::fs::write(&empty, b"").unwrap();
 
     let disks = vec![
-        DiskSpec { path: ro.clone(), read_only: true, serial: "runasroot-layers".into() },
-        DiskSpec { path: rw.clone(), read_only: false, serial: "runasroot-output".into() },
+        DiskSpec { backing: Backing::File(ro.clone()), read_only: true, serial: "runasroot-layers".into() },
+        DiskSpec { backing: Backing::File(rw.clone()), read_only: false, serial: "runasroot-output".into() },
     ];
     let kernel = KernelImages { bzimage: "/nonexistent".into(), vmlinux: Some(guest) };
     let spec = spec(kernel, empty, "tier1 test", disks, Duration::from_secs(60));
@@ -215,7 +215,7 @@ fn tier1_real_kernel_prints_its_banner_and_our_command_line() {
     let disk = tmp.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
     let base = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1";
-    let disks = vec![DiskSpec { path: disk, read_only: true, serial: "runasroot-layers".into() }];
+    let disks = vec![DiskSpec { backing: Backing::File(disk), read_only: true, serial: "runasroot-layers".into() }];
     let kernel = KernelImages { bzimage: dir.join("bzImage"), vmlinux: Some(dir.join("vmlinux")) };
     let mut spec = spec(kernel, empty, base, disks, Duration::from_secs(90));
     spec.memory_mib = 256;

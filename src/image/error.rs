@@ -16,6 +16,9 @@ pub enum ImageError {
     #[error("the image reference {spec:?} names {in_spec:?} but --from-image asks for {from_image:?}: give only one")]
     ConflictingSelection { spec: String, in_spec: String, from_image: String },
 
+    #[error("--from-image {wanted:?} selects an image inside an archive, but --base scratch is no archive: drop one of them (a file named scratch is ./scratch)")]
+    SelectInScratch { wanted: String },
+
     #[error("invalid platform {value:?} (--platform): expected OS/ARCH[/VARIANT], e.g. linux/amd64")]
     BadPlatform { value: String },
 
@@ -163,6 +166,9 @@ pub enum ImageError {
 
     #[error("an OCI layout is a directory and cannot be written to standard output: use --format oci-archive or docker-archive with -o -")]
     OciDirToStdout,
+
+    #[error("--compress-archive compresses a single-file image; an OCI layout (--format oci) is a directory: use --format oci-archive or docker-archive, or --compress for the new layer")]
+    CompressDirectory,
 
     #[error("refusing to replace {path}: {reason}; remove it or choose another -o")]
     RefuseReplace { path: PathBuf, reason: String },

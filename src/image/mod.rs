@@ -10,6 +10,7 @@
 //! OCI archive, written atomically.
 
 mod compress;
+mod config;
 mod digest;
 mod error;
 mod read;
@@ -21,9 +22,10 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 
 
+pub use config::{ConfigError, ConfigOverrides};
 pub use error::ImageError;
-pub use read::{open, open_with_progress, Image, OpenOptions, SourceFormat};
-pub use write::{write_image, NewLayer, OutputFormat, WriteOptions};
+pub use read::{open, open_with_progress, Image, OpenOptions, SourceFormat, SCRATCH};
+pub use write::{check_options, write_image, NewLayer, OutputFormat, WriteOptions};
 
 /// How a layer's stored bytes are compressed (detected from the content).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -61,6 +61,8 @@ pub enum SourceFormat {
     DockerLegacy,
     DockerHybrid,
     OciLayout,
+    /// `--base scratch`: no file, no layers.
+    Scratch,
 }
 
 impl SourceFormat {
@@ -69,6 +71,7 @@ impl SourceFormat {
             SourceFormat::DockerLegacy => "docker-archive",
             SourceFormat::DockerHybrid => "docker-archive (OCI hybrid)",
             SourceFormat::OciLayout => "OCI layout",
+            SourceFormat::Scratch => "scratch (no layers)",
         }
     }
 }
@@ -121,6 +124,36 @@ impl Image {
     }
 }
 
+/// The base that names no image: `--base scratch` starts from nothing,
+/// as a Dockerfile's `FROM scratch` and nixpkgs' `fromImage = null` do.
+/// A file called `scratch` is still reachable as `./scratch`.
+pub const SCRATCH: &str = "scratch";
+
+impl Image {
+    /// An image with no layers and a minimal config for `platform`
+    /// (`os/arch[/variant]`): what `--base scratch` builds on.
+    pub fn scratch(platform: &str) -> Result<Image, ImageError> {
+        let p = Platform::parse(platform).ok_or_else(|| ImageError::BadPlatform { value: platform.to_string() })?;
+        let mut config = serde_json::json!({"architecture": p.architecture, "os": p.os});
+        if let Some(v) = &p.variant {
+            config["variant"] = Value::String(v.clone());
+        }
+        config["config"] = serde_json::json!({});
+        config["rootfs"] = serde_json::json!({"type": "layers", "diff_ids": []});
+        config["history"] = serde_json::json!([]);
+        Ok(Image {
+            config_bytes: serde_json::to_vec(&config).expect("a JSON value serialises"),
+            config,
+            layers: vec![],
+            name: None,
+            source: SCRATCH.to_string(),
+            format: SourceFormat::Scratch,
+            compressed_as: None,
+            _decompressed: None,
+        })
+    }
+}
+
 /// Opens, selects and verifies a base image (see [`open_with_progress`]).
 pub fn open(spec: &str, opts: &OpenOptions) -> Result<Image, ImageError> {
     open_with_progress(spec, opts, &|_, _, _| {})
@@ -134,6 +167,12 @@ pub fn open_with_progress(
     opts: &OpenOptions,
     progress: &dyn Fn(&str, u64, u64),
 ) -> Result<Image, ImageError> {
+    if spec == SCRATCH {
+        if let Some(wanted) = &opts.from_image {
+            return Err(ImageError::SelectInScratch { wanted: wanted.clone() });
+        }
+        return Image::scratch(opts.platform.as_deref().unwrap_or(select::DEFAULT_PLATFORM));
+    }
     let parsed = parse_spec(spec, |p| p.exists())?;
     let wanted = match (&parsed.reference, &opts.from_image) {
         (Some(r), Some(f)) if r != f => {
@@ -156,6 +195,7 @@ pub fn open_with_progress(
         SourceFormat::DockerLegacy => resolve_docker(&store, wanted.as_deref())?,
         SourceFormat::OciLayout => resolve_oci(&store, wanted.as_deref(), &platform)?.0,
         SourceFormat::DockerHybrid => resolve_hybrid(&store, wanted.as_deref(), &platform)?,
+        SourceFormat::Scratch => unreachable!("detect_format finds archive formats only"),
     };
     let config_bytes = read_config(&store, &resolved)?;
     let config: Value = serde_json::from_slice(&config_bytes).map_err(|source| ImageError::ParseJson {
@@ -823,6 +863,25 @@ fn verify_layers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_is_an_empty_image_for_the_platform() {
+        let img = open("scratch", &OpenOptions { platform: Some("linux/arm64/v8".into()), ..Default::default() }).unwrap();
+        assert!(img.layers.is_empty());
+        assert_eq!(img.format(), SourceFormat::Scratch);
+        assert_eq!(
+            String::from_utf8(img.config_bytes.clone()).unwrap(),
+            r#"{"architecture":"arm64","os":"linux","variant":"v8","config":{},"rootfs":{"type":"layers","diff_ids":[]},"history":[]}"#
+        );
+        assert_eq!(serde_json::from_slice::<Value>(&img.config_bytes).unwrap(), img.config);
+        let amd64 = open("scratch", &OpenOptions::default()).unwrap();
+        assert_eq!(amd64.config["architecture"], "amd64");
+        assert!(img.env().is_empty());
+        let e = open("scratch", &OpenOptions { from_image: Some("a:b".into()), ..Default::default() }).unwrap_err();
+        assert!(matches!(e, ImageError::SelectInScratch { .. }), "{e}");
+        // Any other spelling is a path.
+        assert!(matches!(open("./scratch", &OpenOptions::default()), Err(ImageError::Open { .. })));
+    }
 
     #[test]
     fn parses_image_references() {

@@ -19,6 +19,7 @@ use runasroot_guest::tarfmt::{Entry, Kind, TarWriter};
 use serde_json::{json, Value};
 
 use super::compress::{self, Encoder};
+use super::config::ConfigOverrides;
 use super::digest::{self, HashingReader, HashingWriter};
 use super::select;
 use super::{media_type, store, BlobRef, Compression, Digest, Image, ImageError};
@@ -59,6 +60,11 @@ pub struct WriteOptions {
     pub created: String,
     /// The history entry's `created_by`.
     pub history_created_by: String,
+    /// `--config`: container-config fields merged over the base's.
+    pub config: ConfigOverrides,
+    /// `--compress-archive`: the whole archive compressed (as nixpkgs'
+    /// buildImage `compressor` does); base layers inside stay as stored.
+    pub archive_compress: Compression,
 }
 
 /// The history comment that marks our layer.
@@ -74,11 +80,23 @@ const CONTAINERD_NAME: &str = "io.containerd.image.name";
 /// Longest tag Docker accepts (distribution reference grammar).
 const MAX_TAG_LEN: usize = 128;
 
-/// Writes `base` + `layer` to `target` in `opts.format`, atomically.
-pub fn write_image(base: &Image, layer: &NewLayer, opts: &WriteOptions, target: &Target) -> Result<(), ImageError> {
+/// Checks the options that can be checked before any work (tag syntax,
+/// created time, format and target agree), so a typo costs no guest run.
+pub fn check_options(opts: &WriteOptions, target: &Target) -> Result<(), ImageError> {
     if opts.format == OutputFormat::Oci && *target == Target::Stdout {
         return Err(ImageError::OciDirToStdout);
     }
+    if opts.format == OutputFormat::Oci && opts.archive_compress != Compression::None {
+        return Err(ImageError::CompressDirectory);
+    }
+    opts.tag.as_deref().map(parse_tag).transpose()?;
+    created_seconds(&opts.created)?;
+    Ok(())
+}
+
+/// Writes `base` + `layer` to `target` in `opts.format`, atomically.
+pub fn write_image(base: &Image, layer: &NewLayer, opts: &WriteOptions, target: &Target) -> Result<(), ImageError> {
+    check_options(opts, target)?;
     let tag = opts.tag.as_deref().map(parse_tag).transpose()?;
     let mtime = created_seconds(&opts.created)?;
     let new = prepare_new_layer(layer, opts.compress)?;
@@ -101,7 +119,11 @@ pub fn write_image(base: &Image, layer: &NewLayer, opts: &WriteOptions, target: 
         (OutputFormat::Oci, Target::Stdout) => Err(ImageError::OciDirToStdout),
         _ => {
             let mut failure = None;
-            let written = output::write_atomically(target, |w| write_tar(&members, mtime, w, &mut failure));
+            let written = output::write_atomically(target, |w| {
+                let mut enc = Encoder::new(opts.archive_compress, w)?;
+                write_tar(&members, mtime, &mut enc, &mut failure)?;
+                enc.finish()?.flush()
+            });
             if let Some(e) = failure {
                 return Err(e);
             }
@@ -213,6 +235,9 @@ fn documents(
     // Every base field is kept in its order; only these change.
     let mut config = base_config.clone();
     config["created"] = json!(opts.created);
+    if !opts.config.is_empty() {
+        config["config"] = opts.config.merge_into(config.get("config"));
+    }
     if !config.get("rootfs").is_some_and(Value::is_object) {
         config["rootfs"] = json!({"type": "layers", "diff_ids": []});
     }
@@ -583,6 +608,8 @@ mod tests {
             compress: Compression::Gzip,
             created: "1970-01-01T00:00:01Z".into(),
             history_created_by: "runasroot --script s.sh".into(),
+            config: ConfigOverrides::default(),
+            archive_compress: Compression::None,
         }
     }
 

@@ -33,6 +33,7 @@ use crate::image::Layer;
 use crate::layers::{self, IndexStats, LayerError, Spool};
 use crate::machine::{Backing, DiskSpec, Extent};
 
+pub use copy::CopySpec;
 pub use devices::Layout;
 
 /// Why the lower image could not be made.
@@ -97,11 +98,11 @@ pub struct Lower {
     _copy: copy::Copy,
 }
 
-/// Builds the lower image for `layers` (bottom first) and the
-/// `--copy-to-root` items, in `temp_dir`.
+/// Builds the lower image for `layers` (bottom first) and what is to be
+/// copied into the new layer, in `temp_dir`.
 pub fn build(
     layers: &[Layer],
-    copy_to_root: &[PathBuf],
+    copy_to_root: CopySpec<'_>,
     epoch: u64,
     spool: Spool<'_>,
     temp_dir: &Path,

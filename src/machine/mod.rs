@@ -107,6 +107,14 @@ pub enum MachineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("QEMU not found: {}", qemu_not_found(requested.as_deref(), *asked_by, path_var.as_deref(), tried))]
+    QemuNotFound {
+        /// `--qemu` or `RUNASROOT_QEMU` as given.
+        requested: Option<String>,
+        asked_by: qemu::QemuSource,
+        path_var: Option<String>,
+        tried: Vec<PathBuf>,
+    },
     #[error("QEMU exited with {status} before the guest reset:\n{stderr}")]
     QemuFailed { status: std::process::ExitStatus, stderr: String },
     #[error("reading the guest console failed")]
@@ -117,6 +125,37 @@ pub enum MachineError {
     Kvm(#[from] kvm::Error),
     #[error("{launcher} cannot serve a disk made of several files ({disk})")]
     NoConcat { launcher: String, disk: String },
+}
+
+/// What [`MachineError::QemuNotFound`] says: what was asked for, every
+/// place tried, and the fix.
+fn qemu_not_found(requested: Option<&str>, source: qemu::QemuSource, path_var: Option<&str>, tried: &[PathBuf]) -> String {
+    let by = match source {
+        qemu::QemuSource::Flag => "--qemu",
+        qemu::QemuSource::Env => qemu::QEMU_ENV,
+        qemu::QemuSource::Default => "",
+    };
+    let name = requested.unwrap_or(qemu::QEMU_NAME);
+    if tried.len() == 1 && requested.is_some() {
+        let sep = if source == qemu::QemuSource::Flag { " " } else { "=" };
+        return format!("{by}{sep}{name} does not exist or is not executable; fix: give the path of {}", qemu::QEMU_NAME);
+    }
+    let path_dirs: Vec<String> = path_var
+        .map(|p| std::env::split_paths(p).filter(|d| d.is_absolute()).map(|d| d.display().to_string()).collect())
+        .unwrap_or_default();
+    let others: Vec<String> = tried
+        .iter()
+        .filter_map(|t| t.parent())
+        .map(|d| d.display().to_string())
+        .filter(|d| !path_dirs.contains(d))
+        .collect();
+    let asked = if requested.is_some() { format!(" (from {by})") } else { String::new() };
+    format!(
+        "looked for {name}{asked} in PATH ({}) and in {}; fix: apt-get install qemu-system-x86, or name the binary with --qemu PATH or {}=PATH",
+        path_var.unwrap_or("unset"),
+        others.join(", "),
+        qemu::QEMU_ENV
+    )
 }
 
 /// A guest launcher.

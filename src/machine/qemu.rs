@@ -7,10 +7,12 @@
 //! guest's reset ends QEMU, the console on a pipe rather than our stdout
 //! (`-o -` owns that).
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -40,11 +42,81 @@ pub struct QemuMachine {
     accel: Accel,
 }
 
+/// The program runasroot runs (QEMU's x86-64 system emulator).
+pub const QEMU_NAME: &str = "qemu-system-x86_64";
+/// The environment variable naming the QEMU to run (as `--qemu` does).
+pub const QEMU_ENV: &str = "RUNASROOT_QEMU";
+/// Where QEMU is installed, tried after PATH: a Nix build runs with
+/// PATH=/path-not-set, cron and systemd units with a short PATH.
+/// Distributions (/usr/bin), source installs (/usr/local/bin), NixOS and
+/// multi-user Nix profiles.
+pub const QEMU_DIRS: &[&str] =
+    &["/usr/local/bin", "/usr/bin", "/bin", "/run/current-system/sw/bin", "/nix/var/nix/profiles/default/bin"];
+
+/// Who asked for a QEMU binary (for error messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuSource {
+    Flag,
+    Env,
+    Default,
+}
+
+/// Where to look for QEMU, in order: a requested path as it is; a
+/// requested or default name in each PATH directory, then in [`QEMU_DIRS`].
+/// Pure: the caller checks which candidate is an executable file.
+pub fn qemu_candidates(requested: Option<&OsStr>, path_var: Option<&OsStr>) -> Vec<PathBuf> {
+    let name = requested.unwrap_or(OsStr::new(QEMU_NAME));
+    if std::os::unix::ffi::OsStrExt::as_bytes(name).contains(&b'/') {
+        return vec![PathBuf::from(name)];
+    }
+    let mut dirs: Vec<PathBuf> = path_var.map(|p| std::env::split_paths(p).filter(|d| d.is_absolute()).collect()).unwrap_or_default();
+    for d in QEMU_DIRS {
+        if !dirs.iter().any(|x| x == Path::new(d)) {
+            dirs.push(PathBuf::from(d));
+        }
+    }
+    dirs.into_iter().map(|d| d.join(name)).collect()
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 impl QemuMachine {
-    /// `RUNASROOT_QEMU` overrides the binary (default `qemu-system-x86_64`).
+    /// Finds QEMU: `--qemu` (`flag`), else `RUNASROOT_QEMU`, else
+    /// `qemu-system-x86_64` in PATH, else in [`QEMU_DIRS`]. A value with a
+    /// `/` is a path used as it is; a bare name is looked up the same way.
+    /// When nothing is found the error lists every place tried.
+    pub fn find(accel: Accel, flag: Option<&OsStr>) -> Result<QemuMachine, MachineError> {
+        let env = std::env::var_os(QEMU_ENV).filter(|v| !v.is_empty());
+        let (requested, source) = match (flag, &env) {
+            (Some(f), _) => (Some(f), QemuSource::Flag),
+            (None, Some(e)) => (Some(e.as_os_str()), QemuSource::Env),
+            (None, None) => (None, QemuSource::Default),
+        };
+        let path_var = std::env::var_os("PATH");
+        let candidates = qemu_candidates(requested, path_var.as_deref());
+        match candidates.iter().find(|c| is_executable_file(c)) {
+            Some(found) => Ok(QemuMachine { binary: found.to_string_lossy().into_owned(), accel }),
+            None => Err(MachineError::QemuNotFound {
+                requested: requested.map(|r| r.to_string_lossy().into_owned()),
+                asked_by: source,
+                path_var: path_var.map(|p| p.to_string_lossy().into_owned()),
+                tried: candidates,
+            }),
+        }
+    }
+
+    /// For benches and tests: QEMU as [`QemuMachine::find`] finds it
+    /// (without `--qemu`), else the bare name, so that starting it fails
+    /// with the spawn error.
     pub fn new(accel: Accel) -> QemuMachine {
-        let binary = std::env::var("RUNASROOT_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string());
-        QemuMachine { binary, accel }
+        QemuMachine::find(accel, None).unwrap_or_else(|_| QemuMachine { binary: QEMU_NAME.to_string(), accel })
+    }
+
+    /// The binary that will be run.
+    pub fn binary(&self) -> &str {
+        &self.binary
     }
 }
 
@@ -248,6 +320,59 @@ fn run_child(mut guard: KillOnDrop<'_>, spec: &GuestSpec, console: &mut dyn FnMu
 mod tests {
     use super::*;
     use crate::machine::{DiskSpec, KernelImages};
+
+    #[test]
+    fn looks_for_qemu_in_path_then_the_usual_places() {
+        let os = |s: &str| OsString::from(s);
+        let paths = |v: Vec<PathBuf>| v.into_iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+        // Inside a Nix build: PATH names nothing real.
+        assert_eq!(
+            paths(qemu_candidates(None, Some(&os("/path-not-set")))),
+            [
+                "/path-not-set/qemu-system-x86_64",
+                "/usr/local/bin/qemu-system-x86_64",
+                "/usr/bin/qemu-system-x86_64",
+                "/bin/qemu-system-x86_64",
+                "/run/current-system/sw/bin/qemu-system-x86_64",
+                "/nix/var/nix/profiles/default/bin/qemu-system-x86_64",
+            ]
+        );
+        // PATH order first, no duplicates, relative entries ignored.
+        assert_eq!(
+            paths(qemu_candidates(Some(&os("my-qemu")), Some(&os("/opt/q/bin:.:/usr/bin")))),
+            [
+                "/opt/q/bin/my-qemu",
+                "/usr/bin/my-qemu",
+                "/usr/local/bin/my-qemu",
+                "/bin/my-qemu",
+                "/run/current-system/sw/bin/my-qemu",
+                "/nix/var/nix/profiles/default/bin/my-qemu",
+            ]
+        );
+        // A path is taken as it is.
+        assert_eq!(paths(qemu_candidates(Some(&os("/nix/store/x-qemu/bin/qemu-system-x86_64")), None)), ["/nix/store/x-qemu/bin/qemu-system-x86_64"]);
+        assert_eq!(paths(qemu_candidates(Some(&os("./qemu")), Some(&os("/usr/bin")))), ["./qemu"]);
+        assert_eq!(qemu_candidates(None, None).len(), QEMU_DIRS.len());
+    }
+
+    #[test]
+    fn a_missing_qemu_is_reported_with_every_place_tried() {
+        let e = QemuMachine::find(Accel::Tcg, Some(OsStr::new("/nonexistent/qemu"))).unwrap_err().to_string();
+        assert_eq!(e, "QEMU not found: --qemu /nonexistent/qemu does not exist or is not executable; fix: give the path of qemu-system-x86_64");
+        let e = MachineError::QemuNotFound {
+            requested: None,
+            asked_by: QemuSource::Default,
+            path_var: Some("/path-not-set".into()),
+            tried: qemu_candidates(None, Some(OsStr::new("/path-not-set"))),
+        }
+        .to_string();
+        assert_eq!(
+            e,
+            "QEMU not found: looked for qemu-system-x86_64 in PATH (/path-not-set) and in /usr/local/bin, /usr/bin, /bin, \
+             /run/current-system/sw/bin, /nix/var/nix/profiles/default/bin; \
+             fix: apt-get install qemu-system-x86, or name the binary with --qemu PATH or RUNASROOT_QEMU=PATH"
+        );
+    }
     use std::path::PathBuf;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;

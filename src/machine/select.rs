@@ -3,7 +3,10 @@
 //! The built-in VMM is the default where /dev/kvm is backed by hardware
 //! virtualisation; elsewhere (no /dev/kvm, or PVM as on this project's CI
 //! machines, which cannot boot Linux) QEMU with TCG, with a one-line notice
-//! saying why. `--vmm builtin|qemu` forces one.
+//! saying why. `--vmm builtin|qemu` forces one. QEMU is found by
+//! [`QemuMachine::find`] (`--qemu`, RUNASROOT_QEMU, PATH, usual places).
+
+use std::ffi::OsStr;
 
 use super::kvm::{self, KvmMachine};
 use super::qemu::{Accel, QemuMachine};
@@ -11,26 +14,26 @@ use super::{Machine, MachineError};
 use crate::cli::Vmm;
 
 /// Picks and constructs the launcher. `notice` receives the one-line
-/// explanation when the default falls back to QEMU.
-pub fn select(choice: Vmm, notice: &mut dyn FnMut(&str)) -> Result<Box<dyn Machine>, MachineError> {
+/// explanation when the default falls back to QEMU. `qemu` is `--qemu`.
+pub fn select(choice: Vmm, qemu: Option<&OsStr>, notice: &mut dyn FnMut(&str)) -> Result<Box<dyn Machine>, MachineError> {
     match choice {
         Vmm::Builtin => {
             kvm::hardware_support().map_err(|reason| MachineError::KvmUnavailable { reason })?;
             Ok(Box::new(KvmMachine::new()?))
         }
-        Vmm::Qemu => Ok(Box::new(QemuMachine::new(qemu_accel()))),
+        Vmm::Qemu => Ok(Box::new(QemuMachine::find(qemu_accel(), qemu)?)),
         Vmm::Auto => match kvm::hardware_support() {
             Ok(()) => match KvmMachine::new() {
                 Ok(m) => Ok(Box::new(m)),
                 Err(e) => {
                     notice(&format!("runasroot: the built-in VMM cannot start ({e}); using QEMU instead"));
-                    Ok(Box::new(QemuMachine::new(qemu_accel())))
+                    Ok(Box::new(QemuMachine::find(qemu_accel(), qemu)?))
                 }
             },
             Err(reason) => {
                 let why = reason.strip_suffix("; use --vmm qemu").unwrap_or(&reason);
                 notice(&format!("runasroot: {why}; using QEMU with software emulation (TCG), which is slower"));
-                Ok(Box::new(QemuMachine::new(Accel::Tcg)))
+                Ok(Box::new(QemuMachine::find(Accel::Tcg, qemu)?))
             }
         },
     }
