@@ -102,6 +102,7 @@ fn spec(kernel: &KernelImages, initramfs: &Path, disks: Vec<DiskSpec>, deadline:
         cpus: 1,
         disks,
         deadline,
+        work_dir: std::env::temp_dir(),
         stop: Arc::new(AtomicBool::new(false)),
     }
 }

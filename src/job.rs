@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(s, Blob { offset: 0, length: 8 });
         let job = Job {
             mode: contract::Mode::Layer,
-            lower: contract::Lower { devices: vec![], copy_to_root: false },
+            lower: contract::Lower { copy_to_root: false },
             script: Some(s),
             env: vec![],
             epoch: 7,

@@ -21,7 +21,7 @@ use crate::cli::{self, ExportArgs, RunArgs, ScriptArgs, UiArgs, VmArgs};
 use crate::image::{self, Digest, Image, ImageError};
 use crate::job::{self, JobDisk, JobError, Times};
 use crate::layers::Spool;
-use crate::lower::{self, Layout, LowerError};
+use crate::lower::{self, LowerError};
 use crate::machine::{select, Backing, DiskSpec, GuestExit, GuestSpec, Machine, MachineError};
 use crate::output::{self, OutputError, Target};
 
@@ -37,8 +37,6 @@ const MIN_DISK_MIB: u64 = 16;
 const MAX_CPUS: u64 = 32;
 /// Console lines kept for error reports.
 const CONSOLE_TAIL: usize = 40;
-/// Disks besides the lower's: job, output, swap, and the lower image.
-const FIXED_DISKS: usize = 4;
 
 /// Errors of a run, each naming what failed and the fix where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -358,20 +356,16 @@ fn run_guest(
     let deadline_len = vm.timeout.as_deref().map(parse_timeout).transpose()?;
 
     ui.phase("indexing the base");
-    let layout = match machine.can_concat() {
-        true => Layout::Flat,
-        false => Layout::Disks { max: machine.max_disks().saturating_sub(FIXED_DISKS) },
-    };
     let spool = Spool { cache: job_args.cache, temp_dir: temp };
     let copy = lower::CopySpec {
         items: &job_args.script_args.copy_to_root,
         store_paths: job_args.store_paths,
         copy_dirlinks: job_args.script_args.copy_dirlinks,
     };
-    let base = lower::build(&image.layers, copy, job_args.times.epoch, spool, temp, layout)?;
+    let base = lower::build(&image.layers, copy, job_args.times.epoch, spool, temp)?;
     let st = &base.stats;
     ui.verbose_line(&format!(
-        "runasroot: lower: {} layers, {} inodes, image {} KiB, {} devices; decompressed {:.1} MiB now, {} layers from the cache{}; {:.1} MiB gathered",
+        "runasroot: lower: {} layers, {} inodes, image {} KiB, {} devices; decompressed {:.1} MiB now, {} layers from the cache{}",
         st.index.layers,
         st.inodes,
         st.image_bytes >> 10,
@@ -379,16 +373,14 @@ fn run_guest(
         st.index.spooled_bytes as f64 / (1 << 20) as f64,
         st.index.cache_hits,
         if st.index.cache_rebuilt > 0 { format!(" ({} corrupted entries made anew)", st.index.cache_rebuilt) } else { String::new() },
-        st.gathered_bytes as f64 / (1 << 20) as f64,
     ));
-    let (lower_disks, lower_spec) = base.disks();
 
     ui.phase("preparing disks");
     let mut disk = JobDisk::new(temp)?;
     let script = job_args.script.map(|p| disk.add_script(p)).transpose()?;
     let job = Job {
         mode: job_args.mode,
-        lower: lower_spec,
+        lower: base.spec(),
         script,
         env: job::script_env(&image.env(), &job_args.script_args.env)?,
         epoch: job_args.times.epoch,
@@ -410,15 +402,14 @@ fn run_guest(
         cmdline: job::cmdline(ui.verbose),
         memory_mib: vm.memory,
         cpus: vm.cpus,
-        disks: lower_disks
-            .into_iter()
-            .chain([
-                DiskSpec { backing: Backing::File(job_path), read_only: true, serial: contract::serial::JOB.into() },
-                DiskSpec { backing: Backing::File(output_disk.clone()), read_only: false, serial: contract::serial::OUTPUT.into() },
-                DiskSpec { backing: Backing::File(swap_disk), read_only: false, serial: contract::serial::SWAP.into() },
-            ])
-            .collect(),
+        disks: vec![
+            base.disk(),
+            DiskSpec { backing: Backing::File(job_path), read_only: true, serial: contract::serial::JOB.into() },
+            DiskSpec { backing: Backing::File(output_disk.clone()), read_only: false, serial: contract::serial::OUTPUT.into() },
+            DiskSpec { backing: Backing::File(swap_disk), read_only: false, serial: contract::serial::SWAP.into() },
+        ],
         deadline: deadline_len.map(|d| Instant::now() + d),
+        work_dir: temp.to_path_buf(),
         stop: stop.clone(),
     };
     ui.phase(&format!("booting the guest ({})", machine.name()));

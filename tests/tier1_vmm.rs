@@ -59,6 +59,7 @@ fn spec(kernel: KernelImages, initramfs: PathBuf, cmdline: &str, disks: Vec<Disk
         cpus: 1,
         disks,
         deadline: Some(Instant::now() + timeout),
+        work_dir: std::env::temp_dir(),
         stop: Arc::new(AtomicBool::new(false)),
     }
 }

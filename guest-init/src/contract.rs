@@ -27,9 +27,9 @@
 //! host wrote, whose root holds [`LOWER_BASE`] (the merged base image,
 //! the overlay's only lowerdir) and, with `--copy-to-root`,
 //! [`LOWER_COPY`] (the tree to copy into the new layer). File data are
-//! chunk indexes into the image's extra devices: either the disks named
-//! in [`Lower::devices`], or, when that list is empty, the same disk
-//! after the image (EROFS "flat" mode). The guest parses no tar.
+//! chunk indexes into the image's extra devices, which follow the image
+//! on the same disk at the offsets its device table gives (EROFS "flat"
+//! mode: mounted with no `device=` option). The guest parses no tar.
 
 use serde::{Deserialize, Serialize};
 
@@ -52,11 +52,8 @@ pub const PAYLOAD_OFFSET: u64 = RESULT_AREA;
 /// Virtio-blk serial ids (VIRTIO_BLK_T_GET_ID) that name each disk; the
 /// guest reads them from `/sys/block/vdX/serial` and never relies on order.
 pub mod serial {
-    /// The EROFS lower image (and, in flat mode, its devices behind it).
+    /// The EROFS lower image, its devices behind it.
     pub const LOWER: &str = "rar-lower";
-    /// The lower image's extra devices when each is a disk of its own:
-    /// `rar-data-0`, `rar-data-1`, … in device-table order.
-    pub const DATA_PREFIX: &str = "rar-data-";
     /// The job: JSON plus the script, read-only.
     pub const JOB: &str = "rar-job";
     /// The result header and payload, read-write, sparse on the host.
@@ -91,13 +88,9 @@ pub struct Blob {
     pub length: u64,
 }
 
-/// How to mount the lower image.
+/// What the lower image holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lower {
-    /// Serials of the disks holding the image's extra devices, in device
-    /// table order (`mount -o device=…`); empty when the image has none
-    /// or when they follow it on the lower disk itself (flat mode).
-    pub devices: Vec<String>,
     /// Whether the image holds [`LOWER_COPY`].
     pub copy_to_root: bool,
 }
@@ -309,7 +302,7 @@ mod tests {
     fn job() -> Job {
         Job {
             mode: Mode::Layer,
-            lower: Lower { devices: vec![format!("{}0", serial::DATA_PREFIX)], copy_to_root: true },
+            lower: Lower { copy_to_root: true },
             script: Some(Blob { offset: 0, length: 42 }),
             env: vec!["PATH=/bin".into()],
             epoch: 1,

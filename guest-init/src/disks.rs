@@ -71,16 +71,6 @@ pub struct Disks {
     pub job: PathBuf,
     pub output: PathBuf,
     pub swap: Option<PathBuf>,
-    /// Every (device name, serial) found, to look up the lower image's
-    /// device disks by the serials the job names.
-    found: Vec<(String, String)>,
-}
-
-impl Disks {
-    /// The disks of the lower image's extra devices, in the job's order.
-    pub fn lower_devices(&self, serials: &[String]) -> Result<Vec<PathBuf>, DiskError> {
-        serials.iter().map(|s| require(&self.found, s)).collect()
-    }
 }
 
 fn pick(found: &[(String, String)], serial: &str) -> Result<Option<PathBuf>, DiskError> {
@@ -110,7 +100,6 @@ pub fn assign(found: &[(String, String)]) -> Result<Disks, DiskError> {
         job: require(found, serial::JOB)?,
         output: require(found, serial::OUTPUT)?,
         swap: pick(found, serial::SWAP)?,
-        found: found.to_vec(),
     })
 }
 
@@ -242,20 +231,9 @@ mod tests {
         assert_eq!(d.output, PathBuf::from("/dev/vda"));
         assert_eq!(d.swap, None);
 
-        let d = assign(&s(&[
-            ("vda", "rar-job"),
-            ("vdb", "rar-output"),
-            ("vdc", "rar-data-1"),
-            ("vdd", "rar-swap"),
-            ("vde", "rar-lower"),
-            ("vdf", "rar-data-0"),
-        ]))
-        .unwrap();
+        let d = assign(&s(&[("vda", "rar-job"), ("vdb", "rar-output"), ("vdd", "rar-swap"), ("vde", "rar-lower")])).unwrap();
         assert_eq!(d.swap, Some(PathBuf::from("/dev/vdd")));
-        let want = vec![PathBuf::from("/dev/vdf"), PathBuf::from("/dev/vdc")];
-        assert_eq!(d.lower_devices(&["rar-data-0".into(), "rar-data-1".into()]).unwrap(), want);
-        let e = d.lower_devices(&["rar-data-2".into()]).unwrap_err();
-        assert!(e.to_string().starts_with("no disk with serial \"rar-data-2\""), "{e}");
+        assert_eq!(d.lower, PathBuf::from("/dev/vde"));
     }
 
     #[test]
@@ -278,7 +256,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let job = Job {
             mode: Mode::Layer,
-            lower: contract::Lower { devices: vec![], copy_to_root: false },
+            lower: contract::Lower { copy_to_root: false },
             script: Some(Blob { offset: 3, length: 4 }),
             env: vec![],
             epoch: 1,

@@ -114,10 +114,8 @@ fn steps(run: &mut Run) -> Result<Done, Failure> {
     run.console.set_verbose(job.verbose);
     fail::set_scratch_mib(job.scratch_mib);
     run.console.log(&format!(
-        "job: {:?}, {} lower devices{}, script: {}, copy-to-root: {}, scratch {} MiB",
+        "job: {:?}, script: {}, copy-to-root: {}, scratch {} MiB",
         job.mode,
-        job.lower.devices.len(),
-        if job.lower.devices.is_empty() { " (flat)" } else { "" },
         job.script.is_some(),
         job.lower.copy_to_root,
         job.scratch_mib
@@ -128,7 +126,7 @@ fn steps(run: &mut Run) -> Result<Done, Failure> {
     mounts::mount_scratch(job.scratch_mib)?;
 
     run.console.phase(Phase::Mount);
-    mounts::mount_lower(&disks.lower, &disks.lower_devices(&job.lower.devices)?)?;
+    mounts::mount_lower(&disks.lower)?;
     let base = mounts::lower_base();
     let lower = Lower::open(&base).map_err(|source| mounts::MountError::Open { path: base.clone(), source })?;
     mounts::mount_overlay()?;

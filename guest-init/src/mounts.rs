@@ -49,10 +49,9 @@ pub enum MountError {
         #[source]
         source: io::Error,
     },
-    #[error("mounting the lower image {device} on {LOWER} (erofs, options {options:?})")]
+    #[error("mounting the lower image {device} on {LOWER} (erofs)")]
     Lower {
         device: PathBuf,
-        options: String,
         #[source]
         source: nix::Error,
     },
@@ -135,19 +134,13 @@ pub fn mount_early() -> Result<(), MountError> {
     EARLY.iter().try_for_each(mount_spec)
 }
 
-/// The mount options of the lower image: one `device=` per extra device
-/// disk, in device-table order (none in flat mode).
-pub fn lower_options(devices: &[PathBuf]) -> String {
-    devices.iter().map(|d| format!("device={}", d.display())).collect::<Vec<_>>().join(",")
-}
-
-/// Mounts the lower image read-only at [`LOWER`].
-pub fn mount_lower(device: &Path, devices: &[PathBuf]) -> Result<(), MountError> {
+/// Mounts the lower image read-only at [`LOWER`]. No `device=` option:
+/// the image's devices follow it on the same disk, where its device
+/// table's `mapped_blkaddr`s point (EROFS flat mode, fs/erofs/super.c).
+pub fn mount_lower(device: &Path) -> Result<(), MountError> {
     mkdir(Path::new(LOWER), 0o755)?;
-    let options = lower_options(devices);
-    let data = (!options.is_empty()).then_some(options.as_str());
-    mount(Some(device), LOWER, Some("erofs"), MsFlags::MS_RDONLY, data)
-        .map_err(|source| MountError::Lower { device: device.to_path_buf(), options: options.clone(), source })
+    mount(Some(device), LOWER, Some("erofs"), MsFlags::MS_RDONLY, None::<&str>)
+        .map_err(|source| MountError::Lower { device: device.to_path_buf(), source })
 }
 
 /// The merged base inside the lower image.
@@ -253,12 +246,6 @@ mod tests {
         );
         let long = PathBuf::from(format!("/{}", "x".repeat(300)));
         assert!(matches!(overlay_plan(&long, &upper_dir(), Path::new("/w")), Err(MountError::ValueTooLong { .. })));
-    }
-
-    #[test]
-    fn lower_options_name_each_device_disk_in_order() {
-        assert_eq!(lower_options(&[]), "");
-        assert_eq!(lower_options(&[PathBuf::from("/dev/vdc"), PathBuf::from("/dev/vdb")]), "device=/dev/vdc,device=/dev/vdb");
     }
 
     #[test]

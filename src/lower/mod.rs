@@ -6,14 +6,10 @@
 //! The base's file data are not copied: each file is a chunk index into
 //! the uncompressed tar it came from (the image's own file, a spool cache
 //! entry, an OCI blob), which the image names as one of its extra devices
-//! ([`devices`]). How those reach the guest depends on the launcher:
-//! * flat (the built-in VMM): one disk made of the image and then each
-//!   device file at the offset the image's device table gives (EROFS
-//!   flat mode), so nothing is copied whatever the image's format;
-//! * separate disks (QEMU): the image is one disk and each device file
-//!   another, as many as the launcher has slots; when there are more
-//!   files than slots, the smallest are gathered into one temporary file
-//!   (the one case where bytes of the base are copied on the host).
+//! ([`devices`]). The guest gets one disk: the image, then each device
+//! file at the offset the image's device table gives (EROFS flat mode),
+//! served as one concatenation of files by either launcher, so nothing is
+//! copied whatever the image's format or number of layers.
 //!
 //! The copy-to-root tree comes from many small host files: its data are
 //! embedded in the image.
@@ -34,7 +30,6 @@ use crate::layers::{self, IndexStats, LayerError, Spool};
 use crate::machine::{Backing, DiskSpec, Extent};
 
 pub use copy::CopySpec;
-pub use devices::Layout;
 
 /// Why the lower image could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -57,12 +52,6 @@ pub enum LowerError {
     },
     #[error("the base cannot be written as an EROFS image")]
     Erofs(#[source] erofs::Error),
-    #[error("cannot gather layer data into {path} for the guest's disks (is the temporary directory writable and not full?)")]
-    Gather {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// What preparing the lower did, for `-v` and the benchmarks.
@@ -75,9 +64,6 @@ pub struct LowerStats {
     pub image_bytes: u64,
     /// Extra devices the image reads file data from.
     pub devices: usize,
-    /// Bytes of the base copied into a gather file (QEMU with more files
-    /// than disk slots).
-    pub gathered_bytes: u64,
 }
 
 /// The lower image, ready to hand to the guest.
@@ -88,13 +74,11 @@ pub struct Lower {
     devices: Vec<devices::Device>,
     /// Where each device starts in the flat layout (bytes).
     flat_starts: Vec<u64>,
-    layout: Layout,
     copy_to_root: bool,
     pub stats: LowerStats,
     /// Holds the layers' sources (cache entries, temporary spools) open,
     /// and knows how they were when verified.
     indexed: layers::Indexed,
-    _gather: Option<tempfile::TempPath>,
     _copy: copy::Copy,
 }
 
@@ -106,7 +90,6 @@ pub fn build(
     epoch: u64,
     spool: Spool<'_>,
     temp_dir: &Path,
-    layout: Layout,
 ) -> Result<Lower, LowerError> {
     let indexed = layers::index(layers, spool)?;
     let copy = copy::Copy::read(copy_to_root, epoch, temp_dir)?;
@@ -115,12 +98,8 @@ pub fn build(
         .iter()
         .map(|s| devices::SourceRange { path: s.path.clone(), file_len: s.identity.size, base: s.base, len: s.len })
         .collect();
-    let plan = devices::plan(&sources, layout);
-    let gather = match plan.gather.is_empty() {
-        true => None,
-        false => Some(devices::gather(&plan, &sources, temp_dir)?),
-    };
-    let devices = plan.devices(gather.as_ref().map(|g| g.path()));
+    let plan = devices::plan(&sources);
+    let devices = plan.devices;
 
     let tree = tree::build(&indexed.merged, &plan.placement, copy.merged());
     let image = temp_dir.join("lower.erofs");
@@ -129,7 +108,7 @@ pub fn build(
     let erofs_devices: Vec<erofs::Device> = devices
         .iter()
         .enumerate()
-        .map(|(i, d)| erofs::Device { blocks: d.blocks(layout), tag: format!("rar-data-{i}") })
+        .map(|(i, d)| erofs::Device { blocks: d.blocks(), tag: format!("rar-data-{i}") })
         .collect();
     let mut data = copy.data_source();
     let written = erofs::write(&tree, &erofs_devices, &mut data, &mut out).map_err(|e| match e {
@@ -144,48 +123,35 @@ pub fn build(
         inodes: tree.inodes.len(),
         image_bytes: written.len,
         devices: devices.len(),
-        gathered_bytes: gather.as_ref().map_or(0, |g| g.bytes),
     };
     Ok(Lower {
         image,
         image_len: written.len,
         devices,
         flat_starts: written.device_starts,
-        layout,
         copy_to_root: copy.is_some(),
         stats,
         indexed,
-        _gather: gather.map(|g| g.into_temp()),
         _copy: copy,
     })
 }
 
 impl Lower {
-    /// The guest's disks for the lower (the first one is the image) and
-    /// what the job says about them.
-    pub fn disks(&self) -> (Vec<DiskSpec>, contract::Lower) {
-        match self.layout {
-            Layout::Flat => {
-                let mut extents = vec![Extent { path: self.image.clone(), offset: 0, len: self.image_len, at: 0 }];
-                let mut len = self.image_len;
-                for (d, &at) in self.devices.iter().zip(&self.flat_starts) {
-                    extents.push(Extent { path: d.path.clone(), offset: 0, len: d.len, at });
-                    len = at + d.padded_len();
-                }
-                let disk = DiskSpec { backing: Backing::Concat { extents, len }, read_only: true, serial: serial::LOWER.into() };
-                (vec![disk], contract::Lower { devices: vec![], copy_to_root: self.copy_to_root })
-            }
-            Layout::Disks { .. } => {
-                let mut disks = vec![DiskSpec { backing: Backing::File(self.image.clone()), read_only: true, serial: serial::LOWER.into() }];
-                let mut serials = vec![];
-                for (i, d) in self.devices.iter().enumerate() {
-                    let serial = format!("{}{i}", serial::DATA_PREFIX);
-                    disks.push(DiskSpec { backing: Backing::File(d.path.clone()), read_only: true, serial: serial.clone() });
-                    serials.push(serial);
-                }
-                (disks, contract::Lower { devices: serials, copy_to_root: self.copy_to_root })
-            }
+    /// The guest's lower disk: the image, then every device at its place
+    /// in the flat layout.
+    pub fn disk(&self) -> DiskSpec {
+        let mut extents = vec![Extent { path: self.image.clone(), offset: 0, len: self.image_len, at: 0 }];
+        let mut len = self.image_len;
+        for (d, &at) in self.devices.iter().zip(&self.flat_starts) {
+            extents.push(Extent { path: d.path.clone(), offset: 0, len: d.len, at });
+            len = at + d.padded_len();
         }
+        DiskSpec { backing: Backing::Concat { extents, len }, read_only: true, serial: serial::LOWER.into() }
+    }
+
+    /// What the job says about the lower.
+    pub fn spec(&self) -> contract::Lower {
+        contract::Lower { copy_to_root: self.copy_to_root }
     }
 
     /// Fails if a file the base was read from changed since it was

@@ -9,7 +9,9 @@
 //! Callers build a [`GuestSpec`] and call [`Machine::run`]; nothing here
 //! knows about images or jobs.
 
+pub mod backend;
 pub mod kvm;
+pub mod nbd;
 pub mod qemu;
 pub mod select;
 
@@ -35,8 +37,8 @@ pub enum Backing {
     /// multiple of 512 is rounded down by QEMU, so callers pad).
     File(PathBuf),
     /// Ranges of several host files one after another, read-only, `len`
-    /// bytes in all (gaps and the tail read as zeros). Only launchers
-    /// whose [`Machine::can_concat`] says so take this.
+    /// bytes in all (gaps and the tail read as zeros): the built-in VMM
+    /// reads them itself, QEMU through an NBD server of ours.
     Concat { extents: Vec<Extent>, len: u64 },
 }
 
@@ -83,6 +85,8 @@ pub struct GuestSpec {
     pub disks: Vec<DiskSpec>,
     /// When to give up on the guest (`--timeout`).
     pub deadline: Option<Instant>,
+    /// A private directory the launcher may use for the run (sockets).
+    pub work_dir: PathBuf,
     /// Set (by SIGINT/SIGTERM handling) to stop the guest early.
     pub stop: Arc<AtomicBool>,
 }
@@ -123,8 +127,13 @@ pub enum MachineError {
     KvmUnavailable { reason: String },
     #[error("the built-in VMM failed: {0}")]
     Kvm(#[from] kvm::Error),
-    #[error("{launcher} cannot serve a disk made of several files ({disk})")]
-    NoConcat { launcher: String, disk: String },
+    #[error("cannot serve disk {serial} to QEMU over NBD at {socket}")]
+    Nbd {
+        serial: String,
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What [`MachineError::QemuNotFound`] says: what was asked for, every
@@ -162,13 +171,6 @@ fn qemu_not_found(requested: Option<&str>, source: qemu::QemuSource, path_var: O
 pub trait Machine {
     /// Short name for logs and benchmarks ("builtin", "qemu-tcg", "qemu-kvm").
     fn name(&self) -> String;
-
-    /// Whether a disk may be a [`Backing::Concat`] (else each file must
-    /// be a disk of its own).
-    fn can_concat(&self) -> bool;
-
-    /// How many disks the guest can be given.
-    fn max_disks(&self) -> usize;
 
     /// Whether it boots the uncompressed ELF kernel when there is one
     /// (else the bzImage).

@@ -17,10 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::backend::Backend;
+use super::nbd::NbdServer;
 use super::{Backing, GuestExit, GuestSpec, Machine, MachineError};
 
-/// QEMU microvm's virtio-mmio slot count (a 9th disk is refused).
-pub const MAX_DISKS: usize = 8;
 /// How often the console loop checks `stop` and the deadline.
 const POLL_INTERVAL_MS: u16 = 50;
 /// Keep at most this much of QEMU's stderr for error messages.
@@ -133,9 +133,14 @@ fn escape(value: &std::path::Path) -> OsString {
     OsString::from_vec(out)
 }
 
-/// The full QEMU argument list for a guest; each disk must be one file
-/// (QEMU has no block driver that concatenates files).
-pub fn args(spec: &GuestSpec, accel: Accel) -> Result<Vec<OsString>, MachineError> {
+/// The NBD socket of concatenated disk `i` (QEMU has no block driver that
+/// concatenates files; [`super::nbd`] serves it).
+fn nbd_socket(spec: &GuestSpec, i: usize) -> PathBuf {
+    spec.work_dir.join(format!("nbd-{i}.sock"))
+}
+
+/// The full QEMU argument list for a guest.
+pub fn args(spec: &GuestSpec, accel: Accel) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &str| a.push(s.into());
     push("-M");
@@ -177,15 +182,23 @@ pub fn args(spec: &GuestSpec, accel: Accel) -> Result<Vec<OsString>, MachineErro
     a.push("-append".into());
     a.push(spec.cmdline.clone().into());
     for (i, disk) in spec.disks.iter().enumerate() {
-        let Backing::File(path) = &disk.backing else {
-            return Err(MachineError::NoConcat { launcher: "QEMU".into(), disk: disk.serial.clone() });
+        let mut drive = match &disk.backing {
+            Backing::File(path) => {
+                let mut d = OsString::from("file=");
+                d.push(escape(path));
+                d.push(",format=raw");
+                d
+            }
+            Backing::Concat { .. } => {
+                let mut d = OsString::from("driver=nbd,server.type=unix,server.path=");
+                d.push(escape(&nbd_socket(spec, i)));
+                d
+            }
         };
-        let mut drive = OsString::from("file=");
-        drive.push(escape(path));
         // Writable disks are scratch (output, swap): flushes can be
         // ignored, the data reaches the host file when QEMU exits.
         drive.push(format!(
-            ",format=raw,if=none,id=d{i},readonly={},cache={}",
+            ",if=none,id=d{i},readonly={},cache={}",
             if disk.read_only { "on" } else { "off" },
             if disk.read_only { "writeback" } else { "unsafe" }
         ));
@@ -194,7 +207,22 @@ pub fn args(spec: &GuestSpec, accel: Accel) -> Result<Vec<OsString>, MachineErro
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=d{i},serial={}", disk.serial).into());
     }
-    Ok(a)
+    a
+}
+
+/// Starts an NBD server for each concatenated disk; they stop when the
+/// returned servers are dropped (after QEMU has exited).
+fn serve_concatenated(spec: &GuestSpec) -> Result<Vec<NbdServer>, MachineError> {
+    let mut servers = Vec::new();
+    for (i, disk) in spec.disks.iter().enumerate() {
+        if let Backing::Concat { .. } = &disk.backing {
+            let socket = nbd_socket(spec, i);
+            let err = |source| MachineError::Nbd { serial: disk.serial.clone(), socket: socket.clone(), source };
+            let backend = Backend::open(&disk.backing, true).map_err(|(_, e)| err(e))?;
+            servers.push(NbdServer::start(backend, &socket).map_err(err)?);
+        }
+    }
+    Ok(servers)
 }
 
 impl Machine for QemuMachine {
@@ -205,13 +233,7 @@ impl Machine for QemuMachine {
         }
     }
 
-    fn can_concat(&self) -> bool {
-        false
-    }
 
-    fn max_disks(&self) -> usize {
-        MAX_DISKS
-    }
 
     fn boots_vmlinux(&self) -> bool {
         false
@@ -219,7 +241,8 @@ impl Machine for QemuMachine {
 
     fn run(&mut self, spec: &GuestSpec, console: &mut dyn FnMut(&[u8])) -> Result<GuestExit, MachineError> {
         let mut cmd = Command::new(&self.binary);
-        cmd.args(args(spec, self.accel)?)
+        let _servers = serve_concatenated(spec)?;
+        cmd.args(args(spec, self.accel))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -386,24 +409,25 @@ mod tests {
             memory_mib: 512,
             cpus: 2,
             disks: vec![
-                DiskSpec { backing: Backing::File(PathBuf::from("/in/a,b.tar")), read_only: true, serial: "rar-lower".into() },
+                DiskSpec { backing: Backing::Concat { extents: vec![], len: 512 }, read_only: true, serial: "rar-lower".into() },
+                DiskSpec { backing: Backing::File(PathBuf::from("/in/a,b.tar")), read_only: true, serial: "rar-job".into() },
                 DiskSpec { backing: Backing::File(PathBuf::from("/t/out.img")), read_only: false, serial: "rar-output".into() },
             ],
             deadline: None,
+            work_dir: "/t/w,x".into(),
             stop: Arc::new(AtomicBool::new(false)),
         };
-        let got: Vec<String> = args(&spec, Accel::Tcg).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect();
+        let got: Vec<String> = args(&spec, Accel::Tcg).into_iter().map(|s| s.into_string().unwrap()).collect();
         let want = "-M microvm,acpi=off -accel tcg -cpu max -smp 2 -m 512M -nodefaults -no-user-config -nographic -no-reboot \
             -chardev stdio,id=console,signal=off -serial chardev:console -kernel /k/bzImage -initrd /k/init.cpio \
             -append console=ttyS0|reboot=t \
-            -drive file=/in/a,,b.tar,format=raw,if=none,id=d0,readonly=on,cache=writeback -device virtio-blk-device,drive=d0,serial=rar-lower \
-            -drive file=/t/out.img,format=raw,if=none,id=d1,readonly=off,cache=unsafe -device virtio-blk-device,drive=d1,serial=rar-output";
+            -drive driver=nbd,server.type=unix,server.path=/t/w,,x/nbd-0.sock,if=none,id=d0,readonly=on,cache=writeback \
+            -device virtio-blk-device,drive=d0,serial=rar-lower \
+            -drive file=/in/a,,b.tar,format=raw,if=none,id=d1,readonly=on,cache=writeback -device virtio-blk-device,drive=d1,serial=rar-job \
+            -drive file=/t/out.img,format=raw,if=none,id=d2,readonly=off,cache=unsafe -device virtio-blk-device,drive=d2,serial=rar-output";
         let want: Vec<String> = want.split_whitespace().map(|s| s.replace('|', " ")).collect();
         assert_eq!(got, want);
-        let mut concat = spec.clone();
-        concat.disks[0].backing = Backing::Concat { extents: vec![], len: 512 };
-        assert!(matches!(args(&concat, Accel::Tcg), Err(MachineError::NoConcat { .. })));
-        let kvm: Vec<String> = args(&spec, Accel::Kvm).unwrap().into_iter().take(6).map(|s| s.into_string().unwrap()).collect();
+        let kvm: Vec<String> = args(&spec, Accel::Kvm).into_iter().take(6).map(|s| s.into_string().unwrap()).collect();
         assert_eq!(kvm, ["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host"]);
     }
 }

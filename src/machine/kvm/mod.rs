@@ -338,13 +338,7 @@ impl Machine for KvmMachine {
         "builtin".into()
     }
 
-    fn can_concat(&self) -> bool {
-        true
-    }
 
-    fn max_disks(&self) -> usize {
-        layout::MAX_DISKS
-    }
 
     fn boots_vmlinux(&self) -> bool {
         true

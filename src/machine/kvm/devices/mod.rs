@@ -1,7 +1,6 @@
 //! Device models of the built-in VMM: the guest contract's 8250 console,
 //! the i8042 (only for its reset line), and virtio-mmio block devices.
 
-pub mod backend;
 pub mod i8042;
 pub mod serial;
 pub mod virtio_blk;

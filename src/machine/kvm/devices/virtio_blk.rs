@@ -22,7 +22,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 
 use super::super::memory::GuestMemory;
-use super::backend::Backend;
+use crate::machine::backend::Backend;
 use super::virtio_mmio::VirtioDevice;
 use crate::machine::{Backing, DiskSpec};
 

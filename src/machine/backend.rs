@@ -1,7 +1,8 @@
-//! What a virtio-blk disk reads and writes: one host file, or (read-only)
-//! ranges of several host files one after another, so that one disk can
-//! serve the lower image and the layers' own bytes behind it (EROFS flat
-//! mode) without copying any of them into a new file.
+//! What a disk reads and writes: one host file, or (read-only) ranges of
+//! several host files one after another, so that one disk can serve the
+//! lower image and the layers' own bytes behind it (EROFS flat mode)
+//! without copying any of them into a new file. The built-in VMM's
+//! virtio-blk device reads it directly; QEMU reads it through [`super::nbd`].
 
 use std::fs::{File, OpenOptions};
 use std::io;
