@@ -1,13 +1,17 @@
 //! Bench: nixpkgs' redis example on the Debian bookworm minbase base,
 //! broken into phases, with peers measured in the same run:
 //!
-//! * one `runasroot -v` run of the redis script: host read/verify, disk
-//!   preparation, guest boot, unpack, script, pack, guest write, VM exit,
-//!   image assembly (from the host's phase lines and the guest's timings);
-//! * in-guest unpack throughput against GNU tar extracting the same layer
-//!   tar on the host (into tmpfs, as the guest does), and in-guest pack
-//!   throughput (a `runasroot export --in-vm` of the same base packs the
-//!   whole tree) against GNU tar creating a tar of the same tree;
+//! * one `runasroot -v` run of the redis script: host read/verify, host
+//!   indexing and lower image, disk preparation, guest boot, mount,
+//!   script, pack, guest write, VM exit, image assembly (from the host's
+//!   phase lines and the guest's timings);
+//! * the host's work to prepare the lower (hashing, indexing, the EROFS
+//!   image) and its peak RSS, in a child running the library: the base as
+//!   `docker save` writes it (uncompressed), and with a gzip layer, cold
+//!   (empty cache: decompressing) and cached;
+//! * in-guest pack throughput (a `runasroot export --in-vm` of the same
+//!   base packs the whole tree) against GNU tar creating a tar of the
+//!   same tree on the host;
 //! * when /work/shared/bench/nixstyle.sh runs here (root, apt-get download
 //!   of a Debian kernel), the nixpkgs-style runAsRoot peer on the same base
 //!   and script, and the wall-time ratio.
@@ -30,6 +34,49 @@ use std::time::Instant;
 
 /// The nixpkgs-style peer (see ../shared/DESIGN.md, "The peer to beat").
 const NIXSTYLE: &str = "/work/shared/bench/nixstyle.sh";
+/// Set in the child that prepares a lower with the library.
+const CHILD_ENV: &str = "RUNASROOT_BENCH_DEBIAN_CHILD";
+
+/// The child: image::open + lower::build as a run does them; prints the
+/// time and this process's own peak RSS (VmHWM: no guest, no parent).
+fn child_prepare(args: &str) {
+    let mut it = args.split('\n');
+    let (base, cache, temp) = (it.next().unwrap(), it.next().unwrap(), PathBuf::from(it.next().unwrap()));
+    let start = Instant::now();
+    let opts = runasroot::image::OpenOptions { from_image: None, platform: None, temp_dir: temp.clone() };
+    let image = runasroot::image::open(base, &opts).unwrap_or_else(|e| panic!("open {base}: {e}"));
+    let opened = start.elapsed().as_secs_f64();
+    let cache = (!cache.is_empty()).then(|| {
+        let loc = runasroot::cache::Location { runasroot_cache: Some(cache.to_string()), ..Default::default() };
+        runasroot::cache::Cache::open(&loc).unwrap()
+    });
+    let spool = runasroot::layers::Spool { cache: cache.as_ref(), temp_dir: &temp };
+    let copy = runasroot::lower::CopySpec { items: &[], store_paths: &[], copy_dirlinks: false };
+    let lower = runasroot::lower::build(&image.layers, copy, 1, spool, &temp).unwrap_or_else(|e| panic!("lower: {e}"));
+    let total = start.elapsed().as_secs_f64();
+    let hwm: i64 = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0);
+    println!(
+        "open={opened:.3} lower={:.3} total={total:.3} rss_kb={hwm} inodes={} image_kib={} spooled_mib={:.1} hits={}",
+        total - opened,
+        lower.stats.inodes,
+        lower.stats.image_bytes >> 10,
+        lower.stats.index.spooled_bytes as f64 / (1 << 20) as f64,
+        lower.stats.index.cache_hits
+    );
+}
+
+/// Runs the child on `base` (with `cache`, or none when empty); its line.
+fn prepare(base: &Path, cache: &str, temp: &Path) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env(CHILD_ENV, format!("{}\n{cache}\n{}", base.display(), temp.display()))
+        .output()
+        .expect("run the bench child");
+    assert!(out.status.success(), "prepare child failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
 
 /// A `runasroot -v` run, parsed.
 struct Timed {
@@ -104,6 +151,10 @@ fn tail(s: &str, n: usize) -> String {
 }
 
 fn main() {
+    if let Ok(args) = std::env::var(CHILD_ENV) {
+        child_prepare(&args);
+        return;
+    }
     let rootfs = match helpers::debian_minbase() {
         Ok(p) => p,
         Err(why) => {
@@ -140,16 +191,20 @@ fn main() {
     println!("debian bench: redis example on Debian bookworm minbase ({:.1} MB layer tar, {:.1} MB of file data), launcher {launcher}", mb(layer_bytes), mb(content));
     println!("  runasroot total wall                   {:8.3} s", r.wall);
     let read = r.at("reading and verifying");
+    let index = r.at("indexing the base");
     let prep = r.at("preparing disks");
     let boot = r.at("booting the guest");
     let write = r.at("writing the new image");
-    if let (Some(a), Some(b)) = (read, prep) {
+    if let (Some(a), Some(b)) = (read, index) {
         println!("  host: read + verify the base            {:8.3} s", b - a);
+    }
+    if let (Some(a), Some(b)) = (index, prep) {
+        println!("  host: index layers + write the lower    {:8.3} s", b - a);
     }
     if let (Some(a), Some(b)) = (prep, boot) {
         println!("  host: prepare disks                     {:8.3} s", b - a);
     }
-    for (phase, label) in [("init", "guest: boot to init (uptime)"), ("unpack", "guest: unpack base"), ("script", "guest: script"), ("pack", "guest: pack new layer"), ("write", "guest: write result")] {
+    for (phase, label) in [("init", "guest: boot to init (uptime)"), ("mount", "guest: mount lower + overlay"), ("script", "guest: script"), ("pack", "guest: pack new layer"), ("write", "guest: write result")] {
         match r.guest_phase(phase) {
             Some(t) => println!("  {label:<38} {t:8.3} s"),
             None => println!("  {label:<38}      n/a (no `{phase}` in the guest timings)"),
@@ -163,13 +218,20 @@ fn main() {
     }
     println!("  (guest timings: {})", r.guest.iter().map(|(p, t)| format!("{p}={t:.3}s")).collect::<Vec<_>>().join(" "));
 
-    // 2. Unpack throughput: the guest vs GNU tar on the same layer tar.
+    // 2. The host's part: preparing the lower, and its peak RSS.
+    let gz_base = dir.path().join("debian-gzip.tar");
+    let (gz_entries, _) = helpers::debian_entries(&rootfs);
+    let gz = images::image(vec![images::layer(gz_entries).gzip()]).tag("debian:bookworm");
+    images::write(&gz_base, &images::Build::new(images::Format::DockerLegacy), &[gz]);
+    let prep_cache = dir.path().join("prep-cache");
+    let prep_temp = dir.path().join("prep-temp");
+    fs::create_dir_all(&prep_temp).unwrap();
+    println!("  host prepare (image::open + lower::build, a child of its own; peak RSS excludes the guest):");
+    println!("    uncompressed layer:          {}", prepare(&base, "", &prep_temp));
+    println!("    gzip layer, cold cache:      {}", prepare(&gz_base, prep_cache.to_str().unwrap(), &prep_temp));
+    println!("    gzip layer, cached:          {}", prepare(&gz_base, prep_cache.to_str().unwrap(), &prep_temp));
     let host_x = host_tmpfs_dir();
-    let t_x = time_sh(&format!("tar -xpf {} -C {}", layer_tar.display(), host_x.path().display()));
-    if let Some(u) = r.guest_phase("unpack") {
-        let (g, h) = (mb(layer_bytes) / u, mb(layer_bytes) / t_x);
-        println!("  unpack: guest {g:8.1} MB/s ({u:.3} s) | GNU tar -x on the host (tmpfs) {h:8.1} MB/s ({t_x:.3} s) | guest/host {:.2}", g / h);
-    }
+    time_sh(&format!("tar -xpf {} -C {}", layer_tar.display(), host_x.path().display()));
 
     // 3. Pack throughput: an in-VM export packs the whole tree; GNU tar
     //    creates a tar of the same tree on the host.
@@ -183,8 +245,8 @@ fn main() {
         println!("  pack: in-VM export failed, no pack throughput:\n{}", tail(&e.stderr, 10));
     } else {
         let export_bytes = fs::metadata(&export).unwrap().len();
-        // The phase after unpack (and after script, when there is one) packs.
-        let after = e.guest.iter().position(|(p, _)| p == "unpack").map(|i| i + 1);
+        // The phase after mount (and after script, when there is one) packs.
+        let after = e.guest.iter().position(|(p, _)| p == "mount").map(|i| i + 1);
         let pack = after
             .and_then(|i| e.guest.get(i..))
             .and_then(|rest| rest.iter().find(|(p, _)| p != "script"))

@@ -789,8 +789,8 @@ mod tests {
     fn console_routes_tagged_lines() {
         let ui = Ui { verbose: false, quiet: true, progress: None, started: Instant::now() };
         let mut c = Console::new(&ui);
-        c.feed(b"[ 0.1] boot\r\n@rar phase unpack\n@rar out hello\nKernel panic - not syncing: x\npartial");
-        assert_eq!(c.tail.iter().cloned().collect::<Vec<_>>(), vec!["[ 0.1] boot", "@rar phase unpack", "@rar out hello", "Kernel panic - not syncing: x"]);
+        c.feed(b"[ 0.1] boot\r\n@rar phase mount\n@rar out hello\nKernel panic - not syncing: x\npartial");
+        assert_eq!(c.tail.iter().cloned().collect::<Vec<_>>(), vec!["[ 0.1] boot", "@rar phase mount", "@rar out hello", "Kernel panic - not syncing: x"]);
         assert_eq!(c.panic_line.as_deref(), Some("Kernel panic - not syncing: x"));
         assert_eq!(c.partial, b"partial");
     }

@@ -2,7 +2,7 @@
 //! (ttyS0), which the host parses.
 //!
 //! * `@rar out <text>`: one line of the script's stdout/stderr;
-//! * `@rar phase <name>`: a phase began (boot, unpack, script, pack, write);
+//! * `@rar phase <name>`: a phase began (boot, mount, script, pack, write);
 //! * `@rar log <text>`: guest-init's own diagnostics (verbose, or errors).
 //!
 //! Anything else on the console is kernel log. Results never travel here:
@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn lines_carry_the_tag_and_no_inner_breaks() {
-        assert_eq!(line("phase", b"unpack"), b"@rar phase unpack\n");
+        assert_eq!(line("phase", b"mount"), b"@rar phase mount\n");
         assert_eq!(line("out", b"a\r\nb"), b"@rar out a  b\n");
         assert_eq!(line("out", b""), b"@rar out \n");
     }

@@ -7,12 +7,10 @@
 //!   serial), the job the host writes on the job disk, and the result the
 //!   guest writes on the output disk.
 //! * [`whiteout`]: OCI whiteout names and how they map to overlayfs.
-//! * [`hashing`]: sha256 of a stream, the same on both sides.
 //! * [`tarfmt`]: the deterministic tar rules every engine writes by (entry
 //!   order, headers, PAX, xattr filtering), so the guest's packer, the
 //!   guest's export and the host's streaming export write the same bytes.
 
 pub mod contract;
-pub mod hashing;
 pub mod tarfmt;
 pub mod whiteout;

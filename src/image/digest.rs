@@ -44,7 +44,32 @@ pub fn sha256_bytes(bytes: &[u8]) -> Digest {
     Digest::from_sha256(&Sha256::digest(bytes))
 }
 
-pub use runasroot_guest::hashing::HashingReader;
+/// Hashes (sha256) and counts what passes through a reader.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader { inner, hasher: Sha256::new(), count: 0 }
+    }
+
+    /// The raw sha256 of everything read so far, and its length.
+    pub fn finish(self) -> ([u8; 32], u64) {
+        (self.hasher.finalize().into(), self.count)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
 
 /// Hashes and counts what passes through a writer.
 pub struct HashingWriter<W> {

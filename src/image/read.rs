@@ -12,10 +12,11 @@
 //! * any tar above compressed as a whole (gzip, zstd): decompressed once
 //!   to a temporary file, since layers must be byte ranges of a file.
 //!
-//! Layers are not decompressed here: the guest hashes what it unpacks
-//! (its diff_id check), and [`super::Layer::open_verified`] does the same
-//! for host readers. An uncompressed layer's diff_id *is* its blob digest,
-//! so that one is checked here for free.
+//! Layers are not decompressed here: `layers` hashes each compressed
+//! layer's tar once while indexing it (its diff_id check), and
+//! [`super::Layer::open_verified`] does the same for other host readers.
+//! An uncompressed layer's diff_id *is* its blob digest, so that one is
+//! checked here for free.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;

@@ -2,8 +2,9 @@
 //! says ([`LayerTree`]), what the layers say together ([`Merged`]), and
 //! the export's entries in output order ([`Merged::walk`]).
 //!
-//! The rules are the ones the guest gets from overlayfs when it unpacks
-//! each layer into a lowerdir and tars the merged view, so both export
+//! The rules are the ones overlayfs applies to a stack of lowerdirs (and
+//! umoci and Docker to a stack of layers), written once: the export's tar
+//! and the guest's lower image are both this merge, so the two export
 //! engines write the same bytes:
 //!
 //! * inside one layer, entries apply in tar order and the last one for a
