@@ -39,6 +39,8 @@ const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX bit 28: more than one logical processor per package, so
 /// EBX[23:16] is meaningful.
 const CPUID_1_EDX_HTT: u32 = 1 << 28;
+/// Leaf 1 ECX bit 24: the LAPIC timer has TSC-deadline mode.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 0xB level types (ECX[15:8]).
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -93,6 +95,23 @@ pub fn normalise_cpuid(entries: &mut [kvm_cpuid_entry2], cpu: u8, cpus: u8) {
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// Advertises the LAPIC's TSC-deadline timer where KVM emulates it
+/// (`KVM_CAP_TSC_DEADLINE_TIMER`). KVM_GET_SUPPORTED_CPUID leaves the bit
+/// clear because the timer is KVM's, not the CPU's (KVM's api.rst); QEMU
+/// and Firecracker set it. Without it Linux calibrates the LAPIC timer
+/// against the PIT for 100 ms of every boot, and where that measurement
+/// is disturbed (a loaded or nested host) it logs "APIC timer disabled
+/// due to verification failure" and runs its timers on the PIT, late.
+pub fn advertise_tsc_deadline(entries: &mut [kvm_cpuid_entry2], emulated: bool) {
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        if emulated {
+            e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+        } else {
+            e.ecx &= !CPUID_1_ECX_TSC_DEADLINE;
         }
     }
 }
@@ -466,6 +485,22 @@ mod tests {
         normalise_cpuid(&mut one, 0, 1);
         assert_eq!(regs(&one[1]), (1, 0, 0x906ea, 0x0001_085a, 0xfffa_fbff, 0xafeb_fbff), "no HTT with one CPU");
         assert_eq!(regs(&one[5]), (0xb, 1, 0, 1, 0x201, 0));
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_advertised_only_where_kvm_emulates_it() {
+        // Leaf 1 as KVM_GET_SUPPORTED_CPUID gives it: bit 24 clear.
+        let supported = vec![entry(0, 0, 0xd, 1, 2, 3), entry(1, 0, 0x906ea, 0x800, 0x7efa_fbff, 0xbfeb_fbff)];
+        let cases = [(true, 0x7ffa_fbff), (false, 0x7efa_fbff)];
+        for (emulated, ecx) in cases {
+            for start in [0x7efa_fbff, 0x7ffa_fbff] {
+                let mut e = supported.clone();
+                e[1].ecx = start;
+                advertise_tsc_deadline(&mut e, emulated);
+                assert_eq!(regs(&e[1]), (1, 0, 0x906ea, 0x800, ecx, 0xbfeb_fbff), "emulated={emulated} from {start:#x}");
+                assert_eq!(regs(&e[0]), (0, 0, 0xd, 1, 2, 3), "other leaves untouched");
+            }
+        }
     }
 
     #[test]
