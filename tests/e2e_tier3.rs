@@ -52,8 +52,6 @@ fn batch() -> Option<&'static Batch> {
             let cases = cases(&inputs);
             let batch = tier3::run(place, &cases, &inputs.paths)?;
             note(&batch.summary());
-            // The inputs must outlive every test of this binary.
-            std::mem::forget(inputs.dir);
             Ok(Some(batch))
         })
         .unwrap_or_else(|p| Err(format!("building or running the tier 3 batch panicked: {}", panic_text(&p))))
@@ -76,7 +74,8 @@ fn note(text: &str) {
 
 /// The files the cases read, world-readable.
 struct Inputs {
-    dir: tempfile::TempDir,
+    /// Holds them; removed with the Inputs, once the batch has run.
+    _dir: tempfile::TempDir,
     paths: Vec<PathBuf>,
     busybox: PathBuf,
     edge: PathBuf,
@@ -137,7 +136,7 @@ impl Inputs {
         let ok = std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(dir.path()).status();
         assert!(ok.map(|s| s.success()).unwrap_or(false), "chmod -R a+rX {}", dir.path().display());
         let paths = vec![dir.path().to_path_buf(), busybox.clone()];
-        Inputs { paths, busybox, edge, ctr_dir, ctr_tar, deep, bogus_initramfs, scripts, dir }
+        Inputs { paths, busybox, edge, ctr_dir, ctr_tar, deep, bogus_initramfs, scripts, _dir: dir }
     }
 
     fn script(&self, name: &str) -> String {
@@ -218,13 +217,6 @@ exit $code
     )
 }
 
-/// The files of `$OUT`, by name.
-fn out_files(run: &CaseRun) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(&run.out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    v.sort();
-    v
-}
-
 /// Asserts that the built-in VMM's files are byte-identical to QEMU's.
 fn assert_identical(b: &Batch, name: &str, files: &[&str]) {
     let (builtin, qemu) = (b.builtin(name), b.qemu(name));
@@ -248,7 +240,7 @@ fn assert_identical(b: &Batch, name: &str, files: &[&str]) {
 fn assert_failed_cleanly(run: &CaseRun, code: i32, needle: &str) {
     assert_eq!(run.code, code, "{run:?}");
     assert!(run.stderr.contains(needle), "the message names {needle:?}: {run:?}");
-    let written: Vec<String> = out_files(run).into_iter().filter(|f| f != "rar.stderr").collect();
+    let written: Vec<&String> = run.files.keys().filter(|f| *f != "rar.stderr").collect();
     assert!(written.is_empty(), "nothing written, but $OUT holds {written:?}: {run:?}");
     assert!(run.tmp_left.is_empty(), "temp files left: {:?}", run.tmp_left);
 }
@@ -299,7 +291,7 @@ fn layer_member(layer: &[u8], name: &str) -> Option<Vec<u8>> {
 #[test]
 fn tier3_every_formats_row_gives_the_same_bytes_as_qemu() {
     let Some(b) = batch() else { return };
-    assert_identical(b, "rich", &["img.tar", "layer.tar"]);
+    assert_identical(b, "rich", &["layer.tar", "img.tar"]);
     // And the right bytes, not only the same: tier 2's expectations.
     let layer = b.builtin("rich").file("layer.tar").unwrap();
     let report = layer_member(&layer, "out/report").map(|r| String::from_utf8_lossy(&r).into_owned());
@@ -310,7 +302,7 @@ fn tier3_every_formats_row_gives_the_same_bytes_as_qemu() {
 #[test]
 fn tier3_a_130_layer_base_gives_the_same_bytes_as_qemu() {
     let Some(b) = batch() else { return };
-    assert_identical(b, "deep", &["img.tar", "layer.tar"]);
+    assert_identical(b, "deep", &["layer.tar", "img.tar"]);
     let layer = b.builtin("deep").file("layer.tar").unwrap();
     let seen = String::from_utf8_lossy(&layer_member(&layer, "seen").expect("the script's /seen")).into_owned();
     assert_eq!(seen, format!("layer {}\ndata 0\n0\n", DEEP_LAYERS - 1), "the top layer, the bottom one, an opaque dir");
@@ -331,7 +323,7 @@ fn tier3_export_with_a_script_gives_the_same_bytes_as_qemu() {
 #[test]
 fn tier3_a_normal_run_boots_clean() {
     let Some(b) = batch() else { return };
-    assert_identical(b, "skeleton", &["img.tar", "layer.tar"]);
+    assert_identical(b, "skeleton", &["layer.tar", "img.tar"]);
     assert_eq!(listing(&b.builtin("skeleton").file("layer.tar").unwrap()), skeleton_layer());
     assert_clean_boot(b.builtin("skeleton"));
 }
@@ -340,7 +332,7 @@ fn tier3_a_normal_run_boots_clean() {
 fn tier3_two_vcpus_start_as_one_package_and_boot_clean() {
     let Some(b) = batch() else { return };
     let run = b.builtin("smp");
-    assert_identical(b, "smp", &["img.tar", "layer.tar"]);
+    assert_identical(b, "smp", &["layer.tar", "img.tar"]);
     let layer = run.file("layer.tar").unwrap();
     let topology = String::from_utf8_lossy(&layer_member(&layer, "root/topology").expect("/root/topology")).into_owned();
     let cpu = |n: u32| format!("processor\t: {n}\nphysical id\t: 0\nsiblings\t: 2\ncore id\t\t: {n}\ncpu cores\t: 2\napicid\t\t: {n}\ninitial apicid\t: {n}\n");

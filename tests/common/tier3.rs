@@ -58,14 +58,14 @@ pub enum Place {
     NestedL1(String),
 }
 
-/// One run of one case.
-#[derive(Debug)]
+/// One run of one case, read back into memory (the batch's temporary
+/// files are gone once [`run`] returns).
 pub struct CaseRun {
     pub code: i32,
     pub stdout: Vec<u8>,
     pub stderr: String,
-    /// The case's `$OUT`, here.
-    pub out: PathBuf,
+    /// The plain files the case left in `$OUT`, by name.
+    pub files: BTreeMap<String, Vec<u8>>,
     /// Names left in `$TMPDIR` after the run.
     pub tmp_left: Vec<String>,
     /// Wall time of the case (seconds, from the uptime of where it ran).
@@ -75,7 +75,22 @@ pub struct CaseRun {
 impl CaseRun {
     /// A file the case wrote in `$OUT`.
     pub fn file(&self, name: &str) -> Option<Vec<u8>> {
-        fs::read(self.out.join(name)).ok()
+        self.files.get(name).cloned()
+    }
+}
+
+impl std::fmt::Debug for CaseRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let files: Vec<_> = self.files.iter().map(|(n, b)| format!("{n} ({} bytes)", b.len())).collect();
+        write!(
+            f,
+            "exit {}, {:.1} s, $OUT: {files:?}, left in $TMPDIR: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            self.secs,
+            self.tmp_left,
+            String::from_utf8_lossy(&self.stdout),
+            self.stderr
+        )
     }
 }
 
@@ -88,7 +103,6 @@ pub struct Batch {
     pub l1_wall: Option<Duration>,
     /// The L1's console, when nested.
     pub l1_console: String,
-    _dir: tempfile::TempDir,
 }
 
 impl Batch {
@@ -196,7 +210,7 @@ pub fn run(place: Place, cases: &[Case], inputs: &[PathBuf]) -> Result<Batch, St
     };
     let builtin = collect(&builtin_root, &all)?;
     let qemu = collect(&host_root, &reference.iter().map(|c| (*c, "qemu")).collect::<Vec<_>>())?;
-    Ok(Batch { place, builtin, qemu, l1_wall, l1_console, _dir: dir })
+    Ok(Batch { place, builtin, qemu, l1_wall, l1_console })
 }
 
 fn write_readable(path: &Path, text: &str) {
@@ -249,11 +263,18 @@ fn read_run(d: &Path) -> Result<CaseRun, String> {
     let text = |name: &str| fs::read_to_string(d.join(name)).map_err(|e| format!("{}: {e} (did the case run?)", d.join(name).display()));
     let code = text("code")?.trim().parse().map_err(|e| format!("{}/code: {e}", d.display()))?;
     let times: Vec<f64> = text("uptime")?.split_whitespace().filter_map(|t| t.parse().ok()).collect();
+    let mut files = BTreeMap::new();
+    for e in fs::read_dir(d.join("out")).map_err(|e| format!("{}/out: {e}", d.display()))? {
+        let e = e.map_err(|e| e.to_string())?;
+        if e.file_type().map_err(|e| e.to_string())?.is_file() {
+            files.insert(e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).map_err(|e| e.to_string())?);
+        }
+    }
     Ok(CaseRun {
         code,
         stdout: fs::read(d.join("stdout")).unwrap_or_default(),
         stderr: text("stderr")?,
-        out: d.join("out"),
+        files,
         tmp_left: text("tmp-left")?.lines().map(str::to_string).collect(),
         secs: if times.len() == 2 { times[1] - times[0] } else { f64::NAN },
     })
