@@ -204,7 +204,8 @@ impl KvmMachine {
         if let Some((_, cap)) = REQUIRED_CAPS.iter().find(|(cap, _)| !kvm.check_extension(*cap)) {
             return Err(Error::MissingCapability { cap });
         }
-        let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::SupportedCpuid)?;
+        let mut supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::SupportedCpuid)?;
+        vcpu::advertise_tsc_deadline(supported_cpuid.as_mut_slice(), kvm.check_extension(Cap::TscDeadlineTimer));
         Ok(KvmMachine { kvm, supported_cpuid, created, first_kvm_run: None })
     }
 

@@ -8,8 +8,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_msr_entry, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_msr_entry, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -28,6 +28,8 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("the CPUID of vCPU {cpu} has {count} entries, more than KVM_SET_CPUID2 takes ({KVM_MAX_CPUID_ENTRIES})")]
+    CpuidEntries { cpu: u8, count: usize },
     #[error("KVM took only {set} of the {total} boot MSRs of vCPU {cpu} (MSR {index:#x} was refused)")]
     Msrs { cpu: u8, set: usize, total: usize, index: u32 },
 }
@@ -39,19 +41,43 @@ const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX bit 28: more than one logical processor per package, so
 /// EBX[23:16] is meaningful.
 const CPUID_1_EDX_HTT: u32 = 1 << 28;
+/// Leaf 1 ECX bit 24: the LAPIC timer has TSC-deadline mode.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// Leaf 0 vendor strings as (EBX, EDX, ECX): AMD's and Hygon's, whose
+/// topology Linux reads from the extended leaves 0x80000008/0x8000001E.
+const VENDOR_AMD: (u32, u32, u32) = (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+const VENDOR_HYGON: (u32, u32, u32) = (0x6f67_7948, 0x6e65_476e, 0x656e_6975);
+/// Leaf 0x80000008 ECX (AMD APM vol. 3, E.4.7): [7:0] NC, the number of
+/// threads in the package - 1; [15:12] ApicIdSize, the APIC id bits that
+/// number them.
+const CPUID_80000008_ECX_NC: u32 = 0xff;
+const CPUID_80000008_ECX_APIC_ID_SIZE_SHIFT: u32 = 12;
+const CPUID_80000008_ECX_APIC_ID_SIZE: u32 = 0xf << CPUID_80000008_ECX_APIC_ID_SIZE_SHIFT;
 /// Leaf 0xB level types (ECX[15:8]).
+const LEVEL_TYPE_INVALID: u32 = 0;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
+
+/// Leaves that describe the topology level by level (Intel SDM vol. 2A,
+/// CPUID leaves 0BH and 1FH): Linux reads 0x1F first where the CPU has
+/// it, else 0xB, AMD included.
+const TOPOLOGY_LEAVES: [u32; 2] = [0xb, 0x1f];
 
 /// Makes the host's supported CPUID describe this guest: vCPU `cpu` of
 /// `cpus`, one package of `cpus` single-threaded cores, under a hypervisor.
 /// Everything else stays as KVM reports it (KVM already masks what it
 /// cannot virtualise).
-pub fn normalise_cpuid(entries: &mut [kvm_cpuid_entry2], cpu: u8, cpus: u8) {
+pub fn normalise_cpuid(host: &[kvm_cpuid_entry2], cpu: u8, cpus: u8) -> Vec<kvm_cpuid_entry2> {
     let (cpu, cpus) = (u32::from(cpu), u32::from(cpus.max(1)));
     // Bits needed to number the cores (leaf 0xB's "shift" for the core level).
     let core_bits = 32 - (cpus - 1).leading_zeros();
-    for e in entries.iter_mut() {
+    let leaf0 = host.iter().find(|e| e.function == 0);
+    let max_basic_leaf = leaf0.map_or(0, |e| e.eax);
+    let vendor = leaf0.map(|e| (e.ebx, e.edx, e.ecx));
+    let amd_topology = vendor == Some(VENDOR_AMD) || vendor == Some(VENDOR_HYGON);
+    let mut entries = Vec::with_capacity(host.len() + 6);
+    for leaf in host {
+        let mut e = *leaf;
         match e.function {
             1 => {
                 // EBX: [31:24] initial APIC id, [23:16] logical processors
@@ -71,28 +97,76 @@ pub fn normalise_cpuid(entries: &mut [kvm_cpuid_entry2], cpu: u8, cpus: u8) {
                 let sharing = if level >= 3 { cpus - 1 } else { 0 };
                 e.eax = (e.eax & 0x3fff) | ((cpus - 1) << 26) | (sharing << 14);
             }
-            0xb => {
-                // Extended topology: EDX is the x2APIC id on every subleaf.
-                e.edx = cpu;
-                match e.index {
-                    0 => {
-                        e.eax = 0;
-                        e.ebx = 1;
-                        e.ecx = (LEVEL_TYPE_SMT << 8) | e.index;
-                    }
-                    1 => {
-                        e.eax = core_bits;
-                        e.ebx = cpus;
-                        e.ecx = (LEVEL_TYPE_CORE << 8) | e.index;
-                    }
-                    _ => {
-                        e.eax = 0;
-                        e.ebx = 0;
-                        e.ecx = e.index;
-                    }
-                }
+            // Replaced as a whole below: the host's subleaves describe the
+            // host, and KVM lists only those the host has (one, on a nested
+            // TCG CPU: without the core level Linux made each vCPU a
+            // package of its own).
+            f if TOPOLOGY_LEAVES.contains(&f) => continue,
+            // AMD's core count, which Linux reads where leaf 0xB is absent:
+            // KVM passes the host's NC through (127 on a 64-core host).
+            0x8000_0008 if amd_topology => {
+                e.ecx = (e.ecx & !(CPUID_80000008_ECX_NC | CPUID_80000008_ECX_APIC_ID_SIZE))
+                    | (cpus - 1)
+                    | (core_bits << CPUID_80000008_ECX_APIC_ID_SIZE_SHIFT);
+            }
+            // AMD's extended APIC id, core id and node (APM vol. 3, E.4.17),
+            // which KVM zeroes: with TOPOEXT and no leaf 0xB Linux takes
+            // the APIC id from EAX, so every vCPU would claim APIC id 0.
+            0x8000_001e if amd_topology => {
+                e.eax = cpu;
+                // [7:0] core id; [15:8] threads per core - 1 (one).
+                e.ebx = cpu;
+                // [7:0] node id; [10:8] nodes per package - 1 (one).
+                e.ecx = 0;
+                e.edx = 0;
             }
             _ => {}
+        }
+        entries.push(e);
+    }
+    for function in TOPOLOGY_LEAVES.into_iter().filter(|&f| f <= max_basic_leaf && host.iter().any(|e| e.function == f)) {
+        entries.extend(topology_leaf(function, cpu, cpus, core_bits));
+    }
+    entries
+}
+
+/// The subleaves of a topology leaf (0xB or 0x1F) for vCPU `cpu` of
+/// `cpus` single-threaded cores in one package: SMT, core, then the
+/// invalid level that ends the list. EDX is the x2APIC id on every one.
+fn topology_leaf(function: u32, cpu: u32, cpus: u32, core_bits: u32) -> [kvm_cpuid_entry2; 3] {
+    // (EAX: APIC id bits below the next level, EBX: processors at this
+    // level, level type)
+    let levels = [(0, 1, LEVEL_TYPE_SMT), (core_bits, cpus, LEVEL_TYPE_CORE), (0, 0, LEVEL_TYPE_INVALID)];
+    let mut index = 0;
+    levels.map(|(eax, ebx, kind)| {
+        let e = kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax,
+            ebx,
+            ecx: (kind << 8) | index,
+            edx: cpu,
+            padding: [0; 3],
+        };
+        index += 1;
+        e
+    })
+}
+
+/// Advertises the LAPIC's TSC-deadline timer where KVM emulates it
+/// (`KVM_CAP_TSC_DEADLINE_TIMER`). KVM_GET_SUPPORTED_CPUID leaves the bit
+/// clear because the timer is KVM's, not the CPU's (KVM's api.rst); QEMU
+/// and Firecracker set it. Without it Linux calibrates the LAPIC timer
+/// against the PIT for 100 ms of every boot, and where that measurement
+/// is disturbed (a loaded or nested host) it logs "APIC timer disabled
+/// due to verification failure" and runs its timers on the PIT, late.
+pub fn advertise_tsc_deadline(entries: &mut [kvm_cpuid_entry2], emulated: bool) {
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        if emulated {
+            e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+        } else {
+            e.ecx &= !CPUID_1_ECX_TSC_DEADLINE;
         }
     }
 }
@@ -174,8 +248,8 @@ pub fn boot_fpu() -> kvm_fpu {
 /// registers for `entry` (the others wait for Linux's INIT/SIPI in KVM).
 pub fn configure(vcpu: &VcpuFd, cpu: u8, cpus: u8, supported: &CpuId, entry: Option<u64>) -> Result<(), Error> {
     let step = |step: &'static str| move |source| Error::Configure { cpu, step, source };
-    let mut cpuid = supported.clone();
-    normalise_cpuid(cpuid.as_mut_slice(), cpu, cpus);
+    let entries = normalise_cpuid(supported.as_slice(), cpu, cpus);
+    let cpuid = CpuId::from_entries(&entries).map_err(|_| Error::CpuidEntries { cpu, count: entries.len() })?;
     vcpu.set_cpuid2(&cpuid).map_err(step("KVM_SET_CPUID2"))?;
 
     let entries = boot_msrs();
@@ -446,8 +520,7 @@ mod tests {
             entry(0xb, 2, 0, 0, 2, 7),
             entry(0x4000_0000, 0, 0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d),
         ];
-        let mut e = host.clone();
-        normalise_cpuid(&mut e, 2, 4);
+        let e = normalise_cpuid(&host, 2, 4);
         let got: Vec<_> = e.iter().map(regs).collect();
         assert_eq!(
             got,
@@ -456,16 +529,106 @@ mod tests {
                 (1, 0, 0x906ea, 0x0204_085a, 0xfffa_fbff, 0xbfeb_fbff),
                 (4, 0, (3 << 26) | 0x121, 1, 2, 3),
                 (4, 3, (3 << 26) | (3 << 14) | 0x163, 1, 2, 3),
+                (0x4000_0000, 0, 0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d),
                 (0xb, 0, 0, 1, 0x100, 2),
                 (0xb, 1, 2, 4, 0x201, 2),
                 (0xb, 2, 0, 0, 2, 2),
-                (0x4000_0000, 0, 0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d),
             ]
         );
-        let mut one = host;
-        normalise_cpuid(&mut one, 0, 1);
+        assert!(e[5..].iter().all(|e| e.flags == KVM_CPUID_FLAG_SIGNIFCANT_INDEX), "subleaves are indexed");
+        let one = normalise_cpuid(&host, 0, 1);
         assert_eq!(regs(&one[1]), (1, 0, 0x906ea, 0x0001_085a, 0xfffa_fbff, 0xafeb_fbff), "no HTT with one CPU");
-        assert_eq!(regs(&one[5]), (0xb, 1, 0, 1, 0x201, 0));
+        assert_eq!(regs(&one[6]), (0xb, 1, 0, 1, 0x201, 0));
+    }
+
+    /// Found by tier 3: a nested TCG CPU has only subleaf 0 of leaf 0xB,
+    /// so KVM listed only that one, and Linux, finding no core level, made
+    /// each vCPU a package (and its TSC "unsynchronized").
+    #[test]
+    fn topology_leaves_have_every_level_whatever_the_host_lists() {
+        let leaf0 = |max| entry(0, 0, max, 0x6874_7541, 0x444d_4163, 0x6974_6e65);
+        let topology = |f| {
+            vec![
+                (f, 0, 0, 1, 0x100, 1),
+                (f, 1, 1, 2, 0x201, 1),
+                (f, 2, 0, 0, 0x2, 1),
+            ]
+        };
+        // (host entries, the topology subleaves vCPU 1 of 2 must get)
+        let cases = [
+            // Nested TCG (Debian's QEMU 7.2 -cpu max): one subleaf.
+            (vec![leaf0(0xd), entry(0xb, 0, 0, 1, 0x100, 0)], topology(0xb)),
+            // A host with both leaves, 0x1F with a die level.
+            (
+                vec![
+                    leaf0(0x1f),
+                    entry(0xb, 0, 1, 2, 0x100, 9),
+                    entry(0xb, 1, 7, 64, 0x201, 9),
+                    entry(0x1f, 0, 1, 2, 0x100, 9),
+                    entry(0x1f, 1, 7, 64, 0x201, 9),
+                    entry(0x1f, 2, 8, 128, 0x502, 9),
+                ],
+                [topology(0xb), topology(0x1f)].concat(),
+            ),
+            // A CPU without the leaves (max basic leaf below 0xB) gets none.
+            (vec![leaf0(0xa)], vec![]),
+        ];
+        for (host, want) in cases {
+            let got: Vec<_> =
+                normalise_cpuid(&host, 1, 2).iter().filter(|e| TOPOLOGY_LEAVES.contains(&e.function)).map(regs).collect();
+            assert_eq!(got, want, "host {:x?}", host.iter().map(regs).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn cpuid_gives_amd_guests_one_package_of_cores() {
+        let (b, d, c) = VENDOR_AMD;
+        let host = vec![
+            entry(0, 0, 0x10, b, c, d),
+            // KVM's 0x80000008 on a nested TCG CPU: NC 0, ApicIdSize 0.
+            entry(0x8000_0008, 0, 0x3030, 0, 0x0000_0000, 0),
+            // And on a 64-core, 128-thread host: NC 127, ApicIdSize 7.
+            entry(0x8000_0008, 1, 0x3030, 0, 0x0001_707f, 0),
+            entry(0x8000_001e, 0, 0, 0, 0, 0),
+        ];
+        for (cpu, cpus, ecx_nested, ecx_host, leaf_1e) in [
+            (0u8, 1u8, 0x0000_0000, 0x0001_0000, (0, 0, 0, 0)),
+            (1, 2, 0x0000_1001, 0x0001_1001, (1, 1, 0, 0)),
+            (4, 6, 0x0000_3005, 0x0001_3005, (4, 4, 0, 0)),
+        ] {
+            let got: Vec<_> = normalise_cpuid(&host, cpu, cpus).iter().map(regs).collect();
+            assert_eq!(
+                got[1..],
+                [
+                    (0x8000_0008, 0, 0x3030, 0, ecx_nested, 0),
+                    (0x8000_0008, 1, 0x3030, 0, ecx_host, 0),
+                    (0x8000_001e, 0, leaf_1e.0, leaf_1e.1, leaf_1e.2, leaf_1e.3),
+                ],
+                "vCPU {cpu} of {cpus}"
+            );
+        }
+        // Hygon reads the same leaves; Intel's 0x80000008 ECX is reserved.
+        for (vendor, changed) in [(VENDOR_HYGON, true), ((0x756e_6547, 0x4965_6e69, 0x6c65_746e), false)] {
+            let mut h = host.clone();
+            h[0] = entry(0, 0, 0x10, vendor.0, vendor.2, vendor.1);
+            assert_eq!(normalise_cpuid(&h, 1, 2)[1].ecx != 0, changed, "{vendor:x?}");
+        }
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_advertised_only_where_kvm_emulates_it() {
+        // Leaf 1 as KVM_GET_SUPPORTED_CPUID gives it: bit 24 clear.
+        let supported = vec![entry(0, 0, 0xd, 1, 2, 3), entry(1, 0, 0x906ea, 0x800, 0x7efa_fbff, 0xbfeb_fbff)];
+        let cases = [(true, 0x7ffa_fbff), (false, 0x7efa_fbff)];
+        for (emulated, ecx) in cases {
+            for start in [0x7efa_fbff, 0x7ffa_fbff] {
+                let mut e = supported.clone();
+                e[1].ecx = start;
+                advertise_tsc_deadline(&mut e, emulated);
+                assert_eq!(regs(&e[1]), (1, 0, 0x906ea, 0x800, ecx, 0xbfeb_fbff), "emulated={emulated} from {start:#x}");
+                assert_eq!(regs(&e[0]), (0, 0, 0xd, 1, 2, 3), "other leaves untouched");
+            }
+        }
     }
 
     #[test]
