@@ -11,9 +11,11 @@
 //!    [`image`] and write it atomically through [`output`].
 //!
 //! [`export`] flattens an image on the host with no VM at all.
+//! [`erofs`] writes a merged base as an EROFS image over the layers' bytes.
 
 pub mod assets;
 pub mod cli;
+pub mod erofs;
 pub mod export;
 pub mod image;
 pub mod interrupt;
