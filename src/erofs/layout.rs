@@ -272,8 +272,9 @@ pub(super) fn plan(tree: &Tree, devices: &[Device]) -> Result<Plan, Error> {
         }
         let xattr_isize = xattr_isize(&inode.meta, path)?;
         let head = INODE_EXTENDED_SIZE + xattr_isize;
-        let nlink = u32::try_from(walked.links[id])
-            .map_err(|_| Error::TooManyLinks { path: path(), links: walked.links[id] })?;
+        // Below 2^32: a tree naming one inode that often would not fit in
+        // memory.
+        let nlink = u32::try_from(walked.links[id]).unwrap_or(u32::MAX);
         // (layout, i_size, blocks in the image, bytes from the inode's start)
         let (layout, size, blocks, bytes, chunk_blkbits) = match &inode.kind {
             Kind::Dir(_) => {
@@ -528,4 +529,157 @@ fn walk(tree: &Tree) -> Result<Walked, Error> {
         return Err(Error::Unreferenced { inode });
     }
     Ok(Walked { order, parents, links, dir_sizes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{meta, Build};
+    use super::*;
+
+    #[test]
+    fn one_chunk_holds_a_file_up_to_one_tib() {
+        let cases = [(1, 0), (2, 1), (3, 2), (4, 2), (5, 3), (1 << 20, 20), ((1 << 20) + 1, 21), (1 << 31, 31)];
+        for (blocks, bits) in cases {
+            assert_eq!(chunk_blkbits(blocks), bits, "{blocks} blocks");
+            assert!(BLKSZ << bits >= blocks * BLKSZ);
+        }
+        // Past 2^31 blocks (1 TiB) the largest chunk is used, several times.
+        assert_eq!(chunk_blkbits((1 << 31) + 1), 31);
+        assert_eq!(chunk_blkbits(1 << 40), 31);
+    }
+
+    #[test]
+    fn dirents_pack_until_the_block_is_full() {
+        // (name lengths, i_size)
+        let cases: Vec<(Vec<usize>, u64)> = vec![
+            (vec![1, 2], 27),
+            (vec![1, 2, 255], 36 + 258),
+            (vec![20; 16], 512),
+            (vec![20; 17], 512 + 32),
+            (vec![100; 5], 512 + 112),
+            (vec![255, 255], 512 + 267),
+            // 39 dirents of 13 bytes fill 507 bytes: the 40th opens block 2.
+            (vec![1; 39], 39 * 13),
+            (vec![1; 40], 512 + 13),
+            (vec![1; 42], 512 + 3 * 13),
+        ];
+        for (names, size) in cases {
+            let mut packer = DirPacker::default();
+            let new_blocks: Vec<usize> =
+                names.iter().enumerate().filter_map(|(i, &len)| packer.push(len).then_some(i)).collect();
+            assert_eq!(packer.size(), size, "{names:?}");
+            assert_eq!(new_blocks.len() as u64, packer.full_blocks, "{names:?}");
+        }
+    }
+
+    #[test]
+    fn devices_follow_the_image_on_4k_boundaries() {
+        let device = |blocks| Device { blocks, tag: "t".into() };
+        assert_eq!(flat_layout(4096, &[]).unwrap(), Vec::<u64>::new());
+        assert_eq!(
+            flat_layout(4096, &[device(1), device(8), device(0), device(3)]).unwrap(),
+            [4096, 8192, 12288, 12288]
+        );
+        assert_eq!(flat_layout(8192, &[device(9)]).unwrap(), [8192]);
+        // The last device may end exactly at 2^32 blocks, not past it.
+        assert_eq!(flat_layout(4096, &[device((1 << 32) - 8)]).unwrap(), [4096]);
+        // Device 1 starts at block 16 (8192 bytes).
+        assert_eq!(flat_layout(4096, &[device(1), device((1 << 32) - 16)]).unwrap(), [4096, 8192]);
+        let err = flat_layout(4096, &[device(1), device((1 << 32) - 8)]).unwrap_err();
+        assert!(matches!(err, Error::FlatLayoutTooLarge { device: 1, end } if end == (1 << 32) + 8), "{err}");
+        assert!(matches!(flat_layout(4096, &[device(u64::MAX)]), Err(Error::FlatLayoutTooLarge { device: 0, .. })));
+    }
+
+    #[test]
+    fn inodes_follow_the_root_breadth_first_by_name() {
+        let mut b = Build::new();
+        let dir_b = b.dir(0, b"b");
+        let x = b.add(dir_b, b"x", Kind::Fifo, meta(0o644));
+        let a = b.add(0, b"a", Kind::Symlink(b"t".to_vec()), meta(0o777));
+        b.link(dir_b, b"0", a);
+        let dir_c = b.dir(dir_b, b"c");
+        let dot = b.add(0, b".a", Kind::Fifo, meta(0o600));
+        let plan = plan(&b.tree, &[]).unwrap();
+        // The root, its children by name (".a" < "a" < "b"), then those of
+        // "b"; "a" keeps the place of its first name.
+        assert_eq!(plan.order, [0, dot, a, dir_b, dir_c, x]);
+        let nids: Vec<u64> = plan.order.iter().map(|&id| plan.placed[id].nid).collect();
+        // The root: 64 + 12 * 5 + 7 = 131 bytes inline, 160 with padding;
+        // ".a" 64; "a" 64 + 1; "b" (".", "..", "0", "c", "x": 130 bytes)
+        // would cross the block at 1536 from 1472, so starts there.
+        assert_eq!(nids, [36, 41, 43, 48, 53, 56]);
+        let links: Vec<u32> = plan.order.iter().map(|&id| plan.placed[id].nlink).collect();
+        assert_eq!(links, [3, 1, 2, 3, 2, 1]);
+        assert_eq!(plan.parents[dir_c], Some(Parent { dir: dir_b, entry: 2 }));
+        assert_eq!(plan.parents[a], Some(Parent { dir: 0, entry: 1 }));
+    }
+
+    #[test]
+    fn an_inline_tail_never_crosses_a_block() {
+        let mut b = Build::new();
+        let mut m = meta(0o644);
+        // A 160-byte xattr ibody: 12 + (4 + 1 + 143).
+        m.xattrs = vec![(b"user.x".to_vec(), vec![b'v'; 143])];
+        let a = b.add(0, b"a", Kind::File { size: 0, data: Data::Embedded { source: 0, offset: 0 } }, m);
+        let dir = b.dir(0, b"b");
+        let plan = plan(&b.tree, &[]).unwrap();
+        // The root (117 bytes) at 1152..1280, "a" at 1280..1504; "b" with
+        // its 27 inline bytes would end at 1595, past the block at 1536,
+        // so it starts there.
+        assert_eq!(plan.placed[0].nid * 32, 1152);
+        assert_eq!(plan.placed[a].nid * 32, 1280);
+        assert_eq!(plan.placed[a].xattr_isize, 160);
+        assert_eq!(plan.placed[dir].nid * 32, 1536);
+        assert_eq!(plan.placed[dir].layout, LAYOUT_FLAT_INLINE);
+        assert_eq!(plan.inodes_end, 1536 + 96);
+    }
+
+    #[test]
+    fn layouts_follow_what_fits() {
+        let mut b = Build::new();
+        let full = b.dir(0, b"full");
+        for i in 0..16u8 {
+            // ".", ".." and fourteen names: 16 dirents with 14 * 19 + 3
+            // name bytes = 461 bytes; one more 20-byte name would not fit.
+            let name = [b'n', b'a' + i].iter().copied().chain(std::iter::repeat(b'-').take(17)).collect::<Vec<u8>>();
+            if i < 14 {
+                b.add(full, &name, Kind::Fifo, meta(0));
+            }
+        }
+        let big = b.dir(0, b"big");
+        for i in 0..40u8 {
+            b.add(big, &[b'f', i + 1], Kind::Fifo, meta(0));
+        }
+        let short = b.add(0, b"short", Kind::Symlink(vec![b's'; 448]), meta(0o777));
+        let long = b.add(0, b"long", Kind::Symlink(vec![b'l'; 449]), meta(0o777));
+        let huge = b.add(0, b"huge", Kind::Symlink(vec![b'h'; 4095]), meta(0o777));
+        let embedded = b.add(0, b"e", Kind::File { size: 513, data: Data::Embedded { source: 0, offset: 0 } }, meta(0));
+        let plan = plan(&b.tree, &[]).unwrap();
+        let summary = |id: InodeId| {
+            let p = &plan.placed[id];
+            (p.layout, p.size, p.blocks)
+        };
+        // 461 bytes do not fit after a 64-byte inode: a block of its own.
+        assert_eq!(summary(full), (LAYOUT_FLAT_PLAIN, 461, 1));
+        // ".", ".." and 34 two-byte names fill 503 bytes of block 1; the
+        // other six (6 * 14 bytes) are inline.
+        assert_eq!(summary(big), (LAYOUT_FLAT_INLINE, 512 + 84, 1));
+        assert_eq!(summary(short), (LAYOUT_FLAT_INLINE, 448, 0));
+        assert_eq!(summary(long), (LAYOUT_FLAT_PLAIN, 449, 1));
+        assert_eq!(summary(huge), (LAYOUT_FLAT_PLAIN, 4095, 8));
+        assert_eq!(summary(embedded), (LAYOUT_FLAT_PLAIN, 513, 2));
+        // Data blocks follow in nid order from the first block after the
+        // inodes: "big", "full", "huge", "long", "e"... by name.
+        let mut blocks: Vec<(u32, u64)> = plan
+            .order
+            .iter()
+            .map(|&id| &plan.placed[id])
+            .filter(|p| p.blocks > 0)
+            .map(|p| (p.blkaddr, p.blocks))
+            .collect();
+        assert_eq!(blocks[0].0 as u64, plan.data_start);
+        blocks.windows(2).for_each(|w| assert_eq!(w[0].0 as u64 + w[0].1, w[1].0 as u64));
+        let last = blocks.pop().unwrap();
+        assert_eq!((last.0 as u64 + last.1) * BLKSZ, plan.data_end);
+    }
 }

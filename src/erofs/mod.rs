@@ -169,8 +169,6 @@ pub enum Error {
     DirLinkedTwice { path: String, first: String },
     #[error("inode {inode} is in the tree but no directory names it")]
     Unreferenced { inode: InodeId },
-    #[error("{path}: {links} names link this inode, more than EROFS counts (u32)")]
-    TooManyLinks { path: String, links: u64 },
     #[error("{path}: mode {mode:#o} has bits beyond the permissions 0o7777 (the file type comes from the kind)")]
     Mode { path: String, mode: u32 },
     #[error("{path}: mtime nanoseconds {nsec} is not below one second")]

@@ -345,3 +345,258 @@ fn copy_embedded(
         Ok(()) => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::format::{LAYOUT_FLAT_PLAIN, NULL_ADDR};
+    use super::super::tests::{meta, write_vec, Build};
+    use super::super::Written;
+    use super::*;
+
+    /// Bytes from hex; whitespace and `|` separate fields, `#` starts a
+    /// comment to the end of the line.
+    pub(crate) fn hex(s: &str) -> Vec<u8> {
+        let digits: Vec<u8> =
+            s.lines().flat_map(|line| line.split('#').next().unwrap().bytes()).filter(u8::is_ascii_hexdigit).collect();
+        assert_eq!(digits.len() % 2, 0, "odd number of hex digits");
+        digits.chunks(2).map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap()).collect()
+    }
+
+    /// Equal bytes, or a panic naming the first difference.
+    pub(crate) fn assert_bytes(got: &[u8], want: &[u8], what: &str) {
+        if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+            let window = |b: &[u8]| format!("{:02x?}", &b[at..(at + 16).min(b.len())]);
+            panic!("{what}: first difference at byte {at}: got {} want {}", window(got), window(want));
+        }
+        assert_eq!(got.len(), want.len(), "{what}: length");
+    }
+
+    fn put(image: &mut [u8], at: usize, bytes: &[u8]) {
+        image[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    #[test]
+    fn a_root_alone_is_this_whole_image() {
+        let (image, written) = write_vec(&Build::new().tree, &[], &[]).unwrap();
+        let mut want = vec![0u8; 4096];
+        #[rustfmt::skip]
+        put(&mut want, 1024, &hex("
+            e2e1f5e0 | 00000000 | 00000000 | 09 | 00 | 2400  # magic, checksum, compat, blkszbits, extslots, root nid 36
+            0100000000000000 | 0000000000000000 | 00000000  # inos 1, build_time, build_time_nsec
+            08000000 | 00000000 | 00000000  # blocks 8, meta_blkaddr, xattr_blkaddr
+            00000000000000000000000000000000  # uuid
+            00000000000000000000000000000000  # volume_name
+            00000000 | 0000 | 0000 | 0000 | 00 | 00 | 00000000  # incompat, compr, extra devices, devt_slotoff, dirblkbits, prefixes
+            0000000000000000 | 00  # packed_nid, xattr_filter_reserved
+            0000000000000000000000000000000000000000000000  # reserved2
+        "));
+        #[rustfmt::skip]
+        put(&mut want, 1152, &hex("
+            0500 | 0000 | ed41 | 0000 | 1b00000000000000  # extended + FLAT_INLINE, no xattrs, dir 0755, size 27
+            ffffffff | 01000000 | 00000000 | 00000000  # raw_blkaddr NULL (all inline), ino 1, uid, gid
+            0000000000000000 | 00000000 | 02000000  # mtime, nsec, nlink 2
+            00000000000000000000000000000000
+            2400000000000000 | 1800 | 02 | 00  # `.`: nid 36, nameoff 24, FT_DIR
+            2400000000000000 | 1900 | 02 | 00  # `..`: the root's parent is itself
+            2e | 2e2e
+        "));
+        assert_bytes(&image, &want, "image");
+        let expect = Written {
+            len: 4096,
+            device_starts: vec![],
+            inodes: 1,
+            metadata_bytes: 1536,
+            dir_blocks: 0,
+            data_blocks: 0,
+        };
+        assert_eq!(written, expect);
+    }
+
+    #[test]
+    fn a_file_on_the_second_device_is_this_whole_image() {
+        let mut b = Build::new();
+        b.add(0, b"f", Kind::File { size: 1000, data: Data::Device { device: 1, offset: 1024 } }, meta(0o644));
+        let devices = [Device { blocks: 10, tag: "a".into() }, Device { blocks: 5, tag: "b".into() }];
+        let (image, written) = write_vec(&b.tree, &devices, &[]).unwrap();
+        let mut want = vec![0u8; 4096];
+        #[rustfmt::skip]
+        put(&mut want, 1024, &hex("
+            e2e1f5e0 | 00000000 | 00000000 | 09 | 00 | 2c00  # root nid 44 (after two device slots)
+            0200000000000000 | 0000000000000000 | 00000000  # inos 2
+            08000000 | 00000000 | 00000000  # blocks 8
+            00000000000000000000000000000000
+            00000000000000000000000000000000
+            0c000000 | 0000 | 0200 | 0900 | 00 | 00 | 00000000  # CHUNKED_FILE | DEVICE_TABLE, 2 devices, slots at 9 * 128
+            0000000000000000 | 00
+            0000000000000000000000000000000000000000000000
+        "));
+        let mut slot = |at: usize, tag: u8, blocks: &str, mapped: &str| {
+            want[at] = tag;
+            put(&mut want, at + 64, &hex(blocks));
+            put(&mut want, at + 68, &hex(mapped));
+        };
+        slot(1152, b'a', "0a000000", "08000000"); // 10 blocks, flat at 4096
+        slot(1280, b'b', "05000000", "18000000"); // 5 blocks, flat at 4096 + 8 KiB (the next 4 KiB boundary)
+        #[rustfmt::skip]
+        put(&mut want, 1408, &hex("
+            0500 | 0000 | ed41 | 0000 | 2800000000000000  # the root, size 40
+            ffffffff | 01000000 | 00000000 | 00000000
+            0000000000000000 | 00000000 | 02000000
+            00000000000000000000000000000000
+            2c00000000000000 | 2400 | 02 | 00
+            2c00000000000000 | 2500 | 02 | 00
+            3000000000000000 | 2700 | 01 | 00  # `f`: nid 48, FT_REG_FILE
+            2e | 2e2e | 66
+        "));
+        #[rustfmt::skip]
+        put(&mut want, 1536, &hex("
+            0900 | 0000 | a481 | 0000 | e803000000000000  # extended + CHUNK_BASED, file 0644, size 1000
+            21000000 | 02000000 | 00000000 | 00000000  # INDEXES | chunk = 512 << 1, ino 2
+            0000000000000000 | 00000000 | 01000000
+            00000000000000000000000000000000
+            0000 | 0200 | 02000000  # one chunk: device id 2 (index 1 + 1), block 2
+        "));
+        assert_bytes(&image, &want, "image");
+        assert_eq!(written.device_starts, [4096, 12288]);
+    }
+
+    #[test]
+    fn inodes_encode_each_kind() {
+        let placed = |layout, size, blkaddr, chunk_blkbits, xattr_isize| Placed {
+            nid: 99,
+            nlink: 3,
+            layout,
+            xattr_isize,
+            size,
+            blkaddr,
+            blocks: 0,
+            chunk_blkbits,
+        };
+        let owned = Meta {
+            mode: 0o4755,
+            uid: 0x1234_5678,
+            gid: 0x9abc_def0,
+            mtime: 1 << 33,
+            mtime_nsec: 999_999_999,
+            xattrs: vec![],
+        };
+        let embedded = Kind::File { size: 5, data: Data::Embedded { source: 0, offset: 0 } };
+        let on_device = Kind::File { size: 5, data: Data::Device { device: 0, offset: 0 } };
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Placed, Kind, &str)> = vec![
+            ("dir with xattrs", placed(LAYOUT_FLAT_PLAIN, 600, 7, 0, 72), Kind::Dir(vec![]),
+             "0100 | 1000 | ed49 | 0000 | 5802000000000000 | 07000000"),
+            ("chunked file", placed(LAYOUT_CHUNK_BASED, 5, NULL_ADDR, 31, 0), on_device,
+             "0900 | 0000 | ed89 | 0000 | 0500000000000000 | 3f000000"),
+            ("embedded file", placed(LAYOUT_FLAT_PLAIN, 5, 12, 0, 0), embedded,
+             "0100 | 0000 | ed89 | 0000 | 0500000000000000 | 0c000000"),
+            ("inline symlink", placed(LAYOUT_FLAT_INLINE, 3, NULL_ADDR, 0, 0), Kind::Symlink(b"abc".to_vec()),
+             "0500 | 0000 | eda9 | 0000 | 0300000000000000 | ffffffff"),
+            ("char device", placed(LAYOUT_FLAT_PLAIN, 0, NULL_ADDR, 0, 0), Kind::Char { major: 136, minor: 0x12345 },
+             "0100 | 0000 | ed29 | 0000 | 0000000000000000 | 45883012"),
+            ("block device", placed(LAYOUT_FLAT_PLAIN, 0, NULL_ADDR, 0, 0), Kind::Block { major: 8, minor: 1 },
+             "0100 | 0000 | ed69 | 0000 | 0000000000000000 | 01080000"),
+            ("fifo", placed(LAYOUT_FLAT_PLAIN, 0, NULL_ADDR, 0, 0), Kind::Fifo,
+             "0100 | 0000 | ed19 | 0000 | 0000000000000000 | 00000000"),
+        ];
+        // ino 7, uid, gid, mtime 2^33, nsec 999999999, nlink 3, reserved.
+        let tail = hex("07000000 | 78563412 | f0debc9a | 0000000002000000 | ffc99a3b | 03000000");
+        for (what, placed, kind, head) in cases {
+            let mut want = hex(head);
+            want.extend_from_slice(&tail);
+            want.resize(64, 0);
+            assert_eq!(inode(&placed, &kind, &owned, 7).to_vec(), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn device_numbers_encode_as_new_encode_dev() {
+        // kdev_t.h: (minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12).
+        let cases = [
+            ((0, 0), 0),
+            ((1, 3), 0x103),
+            ((8, 17), 0x811),
+            ((259, 0x10005), 0x1001_0305),
+            ((4095, 0xfffff), 0xffff_ffff),
+            ((0, 0x100), 0x10_0000),
+        ];
+        for ((major, minor), dev) in cases {
+            assert_eq!(encode_dev(major, minor), dev, "{major}:{minor}");
+        }
+    }
+
+    #[test]
+    fn xattrs_of_every_index_sort_and_pad() {
+        let mut m = meta(0o644);
+        m.xattrs = vec![
+            (b"user.b".to_vec(), b"1".to_vec()),
+            (b"system.posix_acl_default".to_vec(), vec![2, 0, 0, 0]),
+            (b"trusted.t".to_vec(), vec![]),
+            (b"security.capability".to_vec(), b"cap".to_vec()),
+            (b"system.posix_acl_access".to_vec(), vec![2, 0, 0, 0]),
+            (b"user.a".to_vec(), b"xy".to_vec()),
+        ];
+        #[rustfmt::skip]
+        let want = hex("
+            00000000 | 00 | 00000000000000  # no name filter, no shared xattrs
+            01 | 01 | 0200 | 61 | 7879 | 00  # user. a = xy, padded to 8
+            01 | 01 | 0100 | 62 | 31 | 0000  # user. b = 1
+            00 | 02 | 0400 | 02000000  # system.posix_acl_access: index 2, no name
+            00 | 03 | 0400 | 02000000  # system.posix_acl_default: index 3
+            01 | 04 | 0000 | 74 | 000000  # trusted. t = (empty)
+            0a | 06 | 0300 | 6361706162696c697479 | 636170 | 000000  # security. capability = cap, padded to 20
+        ");
+        assert_eq!(xattr_ibody(&m), want);
+        assert_eq!(xattr_ibody(&meta(0)), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn chunk_indexes_cover_the_file_contiguously() {
+        #[rustfmt::skip]
+        let cases: Vec<(usize, u64, u64, u8, &str)> = vec![
+            (0, 0, 1, 0, "0000 0100 00000000"),
+            (0, 7, 512, 0, "0000 0100 07000000"),
+            (2, 7, 513, 1, "0000 0300 07000000"),
+            // Two chunks of 2^31 blocks: the largest chunk, then the rest.
+            (1, 1, (1 << 40) + 1, 31, "0000 0200 01000000 | 0000 0200 01000080"),
+            (0, 5, 3 * 512, 1, "0000 0100 05000000 | 0000 0100 07000000"),
+        ];
+        for (device, start, size, bits, want) in cases {
+            assert_eq!(chunk_indexes(device, start, size, bits), hex(want), "{device} {start} {size} {bits}");
+        }
+    }
+
+    #[test]
+    fn dirents_fill_blocks_and_never_split_a_name() {
+        let name = |c: u8, len: usize| vec![c; len];
+        // Four 100-byte names take 4 * 112 = 448 bytes; a fifth starts a
+        // new block, the first zero-padded to 512.
+        let names: Vec<Vec<u8>> = (0..5).map(|i| name(b'a' + i, 100)).collect();
+        let entries: Vec<(&[u8], u64, u8)> =
+            names.iter().enumerate().map(|(i, n)| (n.as_slice(), i as u64, 1)).collect();
+        let mut want = Vec::new();
+        for (i, off) in [48u16, 148, 248, 348].iter().enumerate() {
+            want.extend_from_slice(&(i as u64).to_le_bytes());
+            want.extend_from_slice(&off.to_le_bytes());
+            want.extend_from_slice(&[1, 0]);
+        }
+        for n in &names[..4] {
+            want.extend_from_slice(n);
+        }
+        want.resize(512, 0);
+        want.extend_from_slice(&hex("0400000000000000 | 0c00 | 01 | 00"));
+        want.extend_from_slice(&names[4]);
+        assert_eq!(dirents(&entries), want);
+
+        // Sixteen 20-byte names fill a block exactly (16 * 32 = 512): no
+        // padding, the next name opens block 2.
+        let names: Vec<Vec<u8>> = (0..17).map(|i| name(b'A' + i, 20)).collect();
+        let entries: Vec<(&[u8], u64, u8)> = names.iter().map(|n| (n.as_slice(), 9, 2)).collect();
+        let bytes = dirents(&entries);
+        assert_eq!(bytes.len(), 512 + 12 + 20);
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 16 * 12);
+        assert_eq!(&bytes[512 - 20..512], &names[15][..]);
+        assert_eq!(u16::from_le_bytes([bytes[520], bytes[521]]), 12);
+        assert_eq!(&bytes[524..], &names[16][..]);
+    }
+}
