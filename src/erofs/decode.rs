@@ -872,3 +872,183 @@ fn file_type(kind: &NodeKind) -> u8 {
 fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{meta, write_vec, Build};
+    use super::super::{Data, Device, Kind};
+    use super::*;
+
+    /// A small image with a bit of everything, and where its parts are.
+    struct Good {
+        image: Vec<u8>,
+        nids: BTreeMap<Vec<u8>, u64>,
+    }
+
+    impl Good {
+        fn new() -> Good {
+            let mut b = Build::new();
+            let d = b.dir(0, b"d");
+            for i in 0..30 {
+                b.add(d, format!("n{i:02}").as_bytes(), Kind::Fifo, meta(0o644));
+            }
+            let small = b.dir(0, b"small");
+            b.add(small, b"a", Kind::Fifo, meta(0));
+            b.add(0, b"f", Kind::File { size: 1000, data: Data::Device { device: 0, offset: 0 } }, meta(0o644));
+            b.add(0, b"g", Kind::File { size: 10, data: Data::Device { device: 1, offset: 512 } }, meta(0o644));
+            for name in [b"e1", b"e2"] {
+                b.add(0, name, Kind::File { size: 600, data: Data::Embedded { source: 0, offset: 0 } }, meta(0o600));
+            }
+            let mut m = meta(0o644);
+            m.xattrs = vec![(b"user.a".to_vec(), b"1".to_vec())];
+            b.add(0, b"x", Kind::Fifo, m);
+            b.add(0, b"s", Kind::Symlink(b"d/n00".to_vec()), meta(0o777));
+            let devices = [Device { blocks: 4, tag: "zero".into() }, Device { blocks: 4, tag: "one".into() }];
+            let (image, _) = write_vec(&b.tree, &devices, &[vec![5; 600]]).unwrap();
+            let nids = decode(&image).unwrap().paths().into_iter().collect();
+            Good { image, nids }
+        }
+
+        fn iloc(&self, path: &str) -> usize {
+            self.nids[path.as_bytes()] as usize * 32
+        }
+
+        fn u32_at(&self, at: usize) -> u32 {
+            u32::from_le_bytes(self.image[at..at + 4].try_into().unwrap())
+        }
+
+        /// Byte offset of the first data block of a flat inode.
+        fn block(&self, path: &str) -> usize {
+            self.u32_at(self.iloc(path) + 16) as usize * 512
+        }
+    }
+
+    #[test]
+    fn the_good_image_decodes() {
+        let good = Good::new();
+        let image = decode(&good.image).unwrap();
+        assert_eq!(image.inodes.len(), 40);
+        let layouts: Vec<(&str, u8)> = ["/d", "/small", "/f", "/e1", "/s"]
+            .into_iter()
+            .map(|path| (path, image.inodes[&good.nids[path.as_bytes()]].layout))
+            .collect();
+        assert_eq!(layouts, [("/d", 0), ("/small", 2), ("/f", 4), ("/e1", 0), ("/s", 2)]);
+    }
+
+    #[test]
+    fn every_corruption_is_caught() {
+        type Corrupt = fn(&Good, &mut Vec<u8>);
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Corrupt, &str)> = vec![
+            ("magic", |_, i| i[1024] ^= 1,
+             "superblock: magic is 0xe0f5e1e3: not EROFS"),
+            ("4 KiB blocks", |_, i| i[1036] = 12,
+             "superblock: blkszbits is 0xc: our images use 512-byte blocks"),
+            ("dirblkbits", |_, i| i[1114] = 1,
+             "superblock: dirblkbits is 0x1: the kernel refuses anything but 0"),
+            ("compression feature", |_, i| i[1104] |= 0x10,
+             "superblock: feature_incompat is 0x1c: only chunked files and a device table are expected"),
+            ("checksum feature", |_, i| i[1032] = 1,
+             "superblock: feature_compat is 0x1: no checksum, mtime or xattr filter is expected"),
+            ("image shorter than its blocks", |_, i| i.truncate(2048),
+             "superblock: blocks is 0x10: the image is shorter"),
+            ("empty device tag", |_, i| i[1152] = 0,
+             "device slot 0: empty tag"),
+            ("device not on a 4 KiB boundary", |_, i| i[1152 + 128 + 68] += 1,
+             "device slot 1: mapped at block 25, expected a 4 KiB boundary from block 20"),
+            ("compact inode", |g, i| i[g.iloc("/f")] &= !1,
+             "inode 61: a compact inode: our writer makes extended ones only"),
+            ("unknown layout", |g, i| i[g.iloc("/f")] = 1 | 6 << 1,
+             "inode 61: unsupported data layout 6"),
+            ("socket", |g, i| i[g.iloc("/x") + 5] = 0xc1,
+             "inode 74: bogus i_mode 0o140644"),
+            ("unsorted names", |g, i| { let at = g.block("/d") + 12 * 32; i.swap(at + 3 + 2, at + 3 + 5); },
+             "directory 55, block 0: \"n00\" after \"n01\": not sorted"),
+            ("first nameoff", |g, i| i[g.block("/d") + 8] = 13,
+             "directory 55, block 0: invalid de[0].nameoff 269"),
+            ("NUL in a name", |g, i| i[g.block("/d") + 12 * 32 + 4] = 0,
+             "directory 55, block 0: dirent 2: name \"n\\00\" holds NUL or `/`"),
+            ("no dot", |g, i| i[g.block("/d") + 12 * 32] = b'-',
+             "directory 55, block 0: no `.` or `..`"),
+            ("dot elsewhere", |g, i| { let at = g.block("/d"); i[at] += 1; },
+             "inode 55: \".\" points at 56, not 55"),
+            ("wrong file type", |g, i| { let at = g.block("/d") + 12 * 2 + 10; i[at] = FT_CHRDEV; },
+             "inode 55: dirent \"n00\" has file type 3"),
+            ("a file's nlink", |g, i| i[g.iloc("/x") + 44] = 2,
+             "inode 74: nlink 2 but 1 names"),
+            ("a directory's nlink", |g, i| i[g.iloc("/small") + 44] = 3,
+             "inode 70: nlink 3 but 0 subdirectories"),
+            ("inode count", |_, i| i[1040] += 1,
+             "inode 48: the superblock counts 41 inodes, the tree has 40"),
+            ("directory named twice", |g, i| {
+                // The root's dirent for "x" now names "small" (and says dir).
+                let root = g.iloc("/");
+                let at = (root + 64..root + 200).step_by(4).find(|&at| g.u32_at(at) as u64 == g.nids[&b"/x"[..]]).unwrap();
+                i[at..at + 8].copy_from_slice(&g.nids[&b"/small"[..]].to_le_bytes());
+                i[at + 10] = FT_DIR;
+            }, "inode 48: directory 70 is named again, as \"x\""),
+            ("chunk on a device that is not there", |g, i| { let at = g.iloc("/f") + 64 + 2; i[at] = 3; },
+             "inode 61, chunk 0: device id 3 but 2 devices"),
+            ("chunk past its device", |g, i| { let at = g.iloc("/g") + 64 + 4; i[at] = 4; },
+             "inode 64, chunk 0: blocks 4..+512 bytes pass device 2's end"),
+            ("chunk format", |g, i| i[g.iloc("/f") + 17] = 1,
+             "inode 61: unsupported chunk format 0x121"),
+            ("block map", |g, i| i[g.iloc("/f") + 16] = 1,
+             "inode 61: a block map: our writer makes chunk indexes"),
+            ("inline tail across a block", |g, i| {
+                // Still one block long, but now running past the block.
+                let size = 512 - (g.iloc("/small") as u64 + 64) % 512 + 1;
+                assert!(size <= 512);
+                let at = g.iloc("/small") + 8;
+                i[at..at + 8].copy_from_slice(&size.to_le_bytes());
+            },
+             "inode 70: inline tail of 257 bytes at byte 2304 crosses a block"),
+            ("data past the image", |g, i| { let at = g.iloc("/e1") + 16; i[at..at + 4].copy_from_slice(&15u32.to_le_bytes()); },
+             "inode 57: blocks 15..+2 are outside the image"),
+            ("overlapping data", |g, i| { let (a, b) = (g.iloc("/e1") + 16, g.iloc("/e2") + 16); i.copy_within(a..a + 4, b); },
+             "data of inode 57 (bytes 5120..6144) overlaps data of inode 59 (bytes 5120..6144)"),
+            ("data over the inodes", |g, i| { let at = g.iloc("/e2") + 16; i[at..at + 4].copy_from_slice(&4u32.to_le_bytes()); },
+             "inode 64 (bytes 2048..2120) overlaps data of inode 59 (bytes 2048..3072)"),
+            ("unknown xattr index", |g, i| i[g.iloc("/x") + 64 + 12 + 1] = 5,
+             "inode 74: xattr at byte 2444: name index 5 with a 1-byte name"),
+            ("shared xattr", |g, i| i[g.iloc("/x") + 64 + 4] = 1,
+             "inode 74: xattr at byte 2432: name filter, shared xattrs or reserved bytes set"),
+            ("xattr past its ibody", |g, i| i[g.iloc("/x") + 64 + 12] = 9,
+             "inode 74: xattr at byte 2444: entry beyond xattr_isize"),
+            ("symlink with a NUL", |g, i| { let at = g.iloc("/s") + 64 + 1; i[at] = 0; },
+             "inode 67: symlink target of 5 bytes or with a NUL"),
+        ];
+        let good = Good::new();
+        let mut wrong = Vec::new();
+        for (what, corrupt, want) in cases {
+            let mut image = good.image.clone();
+            corrupt(&good, &mut image);
+            match decode(&image).map(|_| ()) {
+                Err(err) if err.to_string() == want => {}
+                Err(err) => wrong.push(format!("{what}: got {err}")),
+                Ok(()) => wrong.push(format!("{what}: decoded")),
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn reading_needs_every_device() {
+        let good = Good::new();
+        let image = decode(&good.image).unwrap();
+        let f = good.nids[&b"/f"[..]];
+        let err = image.read(f, Devices::Separate(&[&[0; 2048]])).unwrap_err();
+        assert_eq!(err, Error::DeviceCount { expected: 2, given: 1 });
+        let two: [&[u8]; 2] = [&[1; 2048], &[2; 2048]];
+        assert_eq!(image.read(f, Devices::Separate(&two)).unwrap(), vec![1; 1000]);
+        assert_eq!(image.read(good.nids[&b"/g"[..]], Devices::Separate(&two)).unwrap(), vec![2; 10]);
+        // The flat image is only the metadata here: device bytes past it are
+        // missing, and said so.
+        let err = image.read(f, Devices::Flat).unwrap_err();
+        assert!(matches!(err, Error::Truncated { what: "flat device data", .. }), "{err}");
+        assert_eq!(
+            image.read(good.nids[&b"/d"[..]], Devices::Flat),
+            Err(Error::WrongKind { nid: good.nids[&b"/d"[..]], expected: "regular file" })
+        );
+    }
+}
