@@ -17,15 +17,15 @@
 //! follow in the same order.
 
 use super::format::{
-    BLKSZ, CHUNK_INDEX_SIZE, DEVICE_TAG_LEN, DEVT_SLOT_SIZE, DIRENT_SIZE, FLAT_DEVICE_ALIGN, INODE_EXTENDED_SIZE,
-    ISLOT_SIZE, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, NAME_LEN, NULL_ADDR, SUPER_OFFSET,
-    SUPER_SIZE, XATTR_ENTRY_SIZE, XATTR_IBODY_HEADER_SIZE, XATTR_PREFIXES, XATTR_WHOLE_NAMES,
+    BLKSZ, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_INDEX_SIZE, DEVICE_TAG_LEN, DEVT_SLOT_SIZE, DIRENT_SIZE, FLAT_DEVICE_ALIGN,
+    INODE_EXTENDED_SIZE, ISLOT_SIZE, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, NAME_LEN, NULL_ADDR,
+    SUPER_OFFSET, SUPER_SIZE, XATTR_ENTRY_SIZE, XATTR_IBODY_HEADER_SIZE, XATTR_PREFIXES, XATTR_WHOLE_NAMES,
 };
 use super::{Data, Device, Error, InodeId, Kind, Meta, Tree, Written, MAX_DEVICES, MAX_SYMLINK_LEN};
 
-/// Chunk sizes go up to block size << 31 (`EROFS_CHUNK_FORMAT_BLKBITS_MASK`
-/// has room for more, but mkfs.erofs and the kernel agree on 31 at most).
-pub(super) const MAX_CHUNK_BLKBITS: u8 = 31;
+/// Chunk size = block size << (`format` & `EROFS_CHUNK_FORMAT_BLKBITS_MASK`):
+/// at most 512 << 31 bytes, 1 TiB.
+pub(super) const MAX_CHUNK_BLKBITS: u8 = CHUNK_FORMAT_BLKBITS_MASK as u8;
 
 /// `i_xattr_icount` is 16 bits: the ibody is at most this long
 /// (`erofs_xattr_ibody_size`: 12 + 4 * (icount - 1)).
@@ -256,7 +256,7 @@ pub(super) fn chunk_blkbits(blocks: u64) -> u8 {
 pub(super) fn plan(tree: &Tree, devices: &[Device]) -> Result<Plan, Error> {
     check_devices(devices)?;
     let walked = walk(tree)?;
-    let mut placed = Vec::with_capacity(tree.inodes.len());
+    let mut placed: Vec<Option<Placed>> = vec![None; tree.inodes.len()];
     let inodes_start = SUPER_OFFSET + SUPER_SIZE + devices.len() as u64 * DEVT_SLOT_SIZE;
     let mut cursor = inodes_start;
     let mut chunked = false;
@@ -334,54 +334,42 @@ pub(super) fn plan(tree: &Tree, devices: &[Device]) -> Result<Plan, Error> {
         if layout == LAYOUT_FLAT_INLINE && cursor % BLKSZ + bytes > BLKSZ {
             cursor = cursor.next_multiple_of(BLKSZ);
         }
-        placed.push((
-            id,
-            Placed {
-                nid: cursor / ISLOT_SIZE,
-                nlink,
-                layout,
-                xattr_isize,
-                size,
-                blkaddr: NULL_ADDR,
-                blocks,
-                chunk_blkbits,
-            },
-        ));
+        let nid = cursor / ISLOT_SIZE;
+        placed[id] = Some(Placed { nid, nlink, layout, xattr_isize, size, blkaddr: NULL_ADDR, blocks, chunk_blkbits });
         cursor = (cursor + bytes).next_multiple_of(ISLOT_SIZE);
     }
     let inodes_end = cursor;
     let data_start = inodes_end.div_ceil(BLKSZ);
-    // Pass 2: data blocks, in the same order.
+    // Every inode is in `order` (`walk` rejects unreferenced ones).
+    let mut placed: Vec<Placed> = placed.into_iter().map(|p| p.expect("walk visits every inode")).collect();
+    // Pass 2: data blocks, in the same order. Saturating: embedded sizes
+    // are only bounded by the check below.
     let mut next = data_start;
     let mut dir_blocks = 0;
     let mut data_blocks = 0;
-    for (id, p) in &mut placed {
+    for &id in &walked.order {
+        let p = &mut placed[id];
         if p.blocks == 0 {
             continue;
         }
-        if matches!(tree.inodes[*id].kind, Kind::Dir(_)) {
+        if matches!(tree.inodes[id].kind, Kind::Dir(_)) {
             dir_blocks += p.blocks;
         } else {
             data_blocks += p.blocks;
         }
         // Checked below: the image ends below 2^32 blocks.
         p.blkaddr = next as u32;
-        next += p.blocks;
+        next = next.saturating_add(p.blocks);
     }
-    let data_end = next * BLKSZ;
-    let len = data_end.next_multiple_of(FLAT_DEVICE_ALIGN);
-    if len / BLKSZ > u64::from(u32::MAX) {
-        return Err(Error::ImageTooLarge { blocks: len / BLKSZ });
+    let blocks = next.checked_next_multiple_of(FLAT_DEVICE_ALIGN / BLKSZ).unwrap_or(u64::MAX);
+    if blocks > u64::from(u32::MAX) {
+        return Err(Error::ImageTooLarge { blocks });
     }
+    let (data_end, len) = (next * BLKSZ, blocks * BLKSZ);
     let device_starts = flat_layout(len, devices)?;
-    let mut by_id = vec![None; tree.inodes.len()];
-    for (id, p) in placed {
-        by_id[id] = Some(p);
-    }
     Ok(Plan {
         order: walked.order,
-        // Every inode is in `order` (`walk` rejects unreferenced ones).
-        placed: by_id.into_iter().map(|p| p.expect("walk visits every inode")).collect(),
+        placed,
         parents: walked.parents,
         inodes_start,
         inodes_end,

@@ -580,6 +580,8 @@ pub(crate) mod tests {
             // Checked before anything is written: no embedded bytes needed.
             (one(Kind::File { size: 1 << 41, data: Data::Embedded { source: 0, offset: 0 } }, meta(0)), vec![],
              "the image needs 4294967304 blocks, more than the 2^32 (2 TiB) EROFS addresses"),
+            ({ let mut b = Build::new(); for name in [b"a", b"b"] { b.add(0, name, Kind::File { size: u64::MAX, data: Data::Embedded { source: 0, offset: 0 } }, meta(0)); } b.tree }, vec![],
+             "the image needs 72057594037927944 blocks, more than the 2^32 (2 TiB) EROFS addresses"),
         ];
         for (tree, devices, want) in cases {
             let mut out = Vec::new();
