@@ -15,10 +15,10 @@
 //!   boundary ([`Written::device_starts`]); the kernel adds each device's
 //!   `mapped_blkaddr` from the device table.
 //!
-//! The steps: [`layout`] checks the tree and decides every nid and block
-//! (nothing is written if the tree is wrong); [`write`](mod@write) then
-//! emits the bytes front to back. [`decode`] reads images back, for tests
-//! and fuzzing.
+//! The steps: `layout.rs` checks the tree and decides every nid and block
+//! (nothing is written if the tree is wrong); `write.rs` then emits the
+//! bytes front to back. [`decode`] reads images back, for tests and
+//! fuzzing.
 
 pub mod decode;
 pub mod format;
@@ -103,7 +103,7 @@ pub enum Kind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Data {
     /// `size` bytes at byte `offset` (a multiple of [`BLOCK_SIZE`]) of extra
-    /// device `device` (an index into the `devices` given to [`write`]).
+    /// device `device` (an index into the `devices` given to [`write()`]).
     Device { device: usize, offset: u64 },
     /// Bytes copied into the image itself at write time, read through
     /// [`DataSource`] (for `--copy-to-root` images).
@@ -127,7 +127,7 @@ pub trait DataSource {
     fn copy_to(&mut self, source: u32, offset: u64, len: u64, out: &mut dyn io::Write) -> io::Result<()>;
 }
 
-/// What [`write`] wrote.
+/// What [`write()`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
     /// Image bytes written, a multiple of 4096.
