@@ -48,7 +48,7 @@ impl Backend {
     }
 
     /// The disk's size in bytes.
-    pub fn len(&self) -> io::Result<u64> {
+    pub fn size(&self) -> io::Result<u64> {
         match self {
             Backend::File(f) => Ok(f.metadata()?.len()),
             Backend::Concat(c) => Ok(c.len),
@@ -121,7 +121,7 @@ mod tests {
         let x = |path: &std::path::Path, offset, len, at| Extent { path: path.to_path_buf(), offset, len, at };
         let backing = Backing::Concat { extents: vec![x(b.path(), 2, 4, 10), x(a.path(), 0, 8, 0)], len: 20 };
         let disk = Backend::open(&backing, true).unwrap();
-        assert_eq!(disk.len().unwrap(), 20);
+        assert_eq!(disk.size().unwrap(), 20);
         let mut all = [9u8; 20];
         disk.read_exact_at(&mut all, 0).unwrap();
         assert_eq!(&all, b"AAAAAAAA\0\0BBBB\0\0\0\0\0\0");

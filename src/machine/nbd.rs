@@ -78,7 +78,7 @@ impl NbdServer {
     pub fn start(disk: Backend, socket: &Path) -> io::Result<NbdServer> {
         let listener = UnixListener::bind(socket)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let size = disk.len()?;
+        let size = disk.size()?;
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("nbd".into()).spawn(move || {
             for conn in listener.incoming() {

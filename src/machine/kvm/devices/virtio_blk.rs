@@ -85,7 +85,7 @@ impl Block {
         }
         let read_only = spec.read_only || matches!(spec.backing, Backing::Concat { .. });
         let disk = Backend::open(&spec.backing, read_only).map_err(|(path, source)| Error::Open { path, read_only, source })?;
-        let size = disk.len().map_err(|source| Error::Open { path: spec.backing.describe(), read_only, source })?;
+        let size = disk.size().map_err(|source| Error::Open { path: spec.backing.describe(), read_only, source })?;
         let mut serial = [0u8; SERIAL_LEN];
         serial[..spec.serial.len()].copy_from_slice(spec.serial.as_bytes());
         Ok(Block {
