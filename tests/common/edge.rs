@@ -177,6 +177,7 @@ echo "env: IMG_VAR=$IMG_VAR OVERRIDE=$OVERRIDE CLI_VAR=$CLI_VAR TZ=${{TZ-unset}}
 echo "PATH=$PATH"
 echo "HOME=$HOME cwd=$(pwd) umask=$(umask) uid=$(id -u)"
 echo "ctr: $(cat /ctr/fromdir /ctr/fromtar | tr '\n' ' ')"
+echo "links: $(ip -o link | cut -d: -f2 | tr -d ' ' | tr '\n' ' ')"
 echo "up: $(ip -o link | grep -E '[<,]UP[,>]' | cut -d: -f2 | tr -d ' ' | tr '\n' ' ')"
 echo "addresses on: $(ip -o addr | awk '{{print $2}}' | sort -u | tr '\n' ' ')"
 if ping -c 1 -W 2 127.0.0.1 >/dev/null 2>&1; then echo "lo: up"; else echo "lo: down"; fi
@@ -218,8 +219,10 @@ pub fn expected_report() -> String {
         "HOME=/root cwd=/ umask=0022 uid=0",
         // copy-to-root (a directory and a tar) is in place before the script.
         "ctr: dir! tar! ",
-        // No network: only loopback is up and has addresses (a kernel may
-        // add tunnel devices like sit0 to every namespace: they stay down).
+        // No network: loopback is the only device (as Docker's `--network
+        // none` shows it: our kernel has no tunnel drivers such as sit0),
+        // up, with addresses.
+        "links: lo ",
         "up: lo ",
         "addresses on: lo ",
         "lo: up",
