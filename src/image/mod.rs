@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 pub use config::{ConfigError, ConfigOverrides};
 pub use error::ImageError;
-pub use read::{open, open_with_progress, Image, OpenOptions, SourceFormat, SCRATCH};
+pub use read::{open, open_with_progress, Image, OpenOptions, SourceFormat, SCRATCH, VERIFYING};
 pub use write::{check_options, write_image, NewLayer, OutputFormat, WriteOptions};
 
 /// How a layer's stored bytes are compressed (detected from the content).

@@ -19,6 +19,8 @@
 //! checked here for free.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -759,6 +761,69 @@ fn diff_ids(config: &Value, store: &Store, r: &Resolved) -> Result<Vec<Digest>, 
     Ok(ids)
 }
 
+/// Blobs hashed at once: sha256 is CPU-bound, one core per blob.
+const MAX_HASHERS: usize = 8;
+/// The progress label while the layers are hashed.
+pub const VERIFYING: &str = "verifying the layers";
+
+/// Hashes the listed layers `blobs` (indexes into `r.layers`), several at
+/// once; each result with the blob file's identity from before its hash
+/// (a write during or after it moves the ctime). The first error in
+/// listing order wins, whatever the timing. Progress is reported from
+/// the calling thread.
+fn hash_blobs(
+    r: &Resolved,
+    blobs: &[usize],
+    total: u64,
+    progress: &dyn Fn(&str, u64, u64),
+) -> Result<Vec<(Digest, FileId)>, (usize, io::Error)> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_HASHERS).min(blobs.len()).max(1);
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<Option<io::Result<(Digest, FileId)>>> = (0..blobs.len()).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel::<(usize, Option<io::Result<(Digest, FileId)>>, u64)>();
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let next = &next;
+            s.spawn(move || loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&index) = blobs.get(k) else { break };
+                let blob = &r.layers[index].blob;
+                let hash = || -> io::Result<(Digest, FileId)> {
+                    let file = File::open(&blob.file)?;
+                    let identity = FileId::of(&file)?;
+                    let mut seen = 0;
+                    let digest = sha256_range(&file, blob.offset, blob.length, &mut |n| {
+                        let _ = tx.send((k, None, n - seen));
+                        seen = n;
+                    })?;
+                    Ok((digest, identity))
+                };
+                let result = hash();
+                if tx.send((k, Some(result), 0)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut done = 0;
+        for (k, result, n) in rx {
+            done += n;
+            if n > 0 {
+                progress(VERIFYING, done, total);
+            }
+            if let Some(result) = result {
+                results[k] = Some(result);
+            }
+        }
+    });
+    results
+        .into_iter()
+        .zip(blobs)
+        .map(|(r, &index)| r.expect("every blob was hashed").map_err(|e| (index, e)))
+        .collect()
+}
+
 /// Hashes every distinct stored blob once and checks it against what the
 /// image says: its descriptor digest and size when given, and its diff_id
 /// when it is not compressed.
@@ -796,34 +861,17 @@ fn verify_layers(
         })?);
     }
 
-    let mut distinct: Vec<&BlobRef> = vec![];
-    for l in &r.layers {
-        if !distinct.contains(&&l.blob) {
-            distinct.push(&l.blob);
-        }
-    }
-    let total: u64 = distinct.iter().map(|b| b.length).sum();
-    let mut hashed: HashMap<&BlobRef, (Digest, FileId)> = HashMap::new();
-    let mut done = 0u64;
-    let mut files: HashMap<&Path, File> = HashMap::new();
+    // Each distinct blob once, by its first listing.
+    let mut distinct: Vec<usize> = vec![];
     for (index, l) in r.layers.iter().enumerate() {
-        if hashed.contains_key(&l.blob) {
-            continue;
+        if !distinct.iter().any(|&i| r.layers[i].blob == l.blob) {
+            distinct.push(index);
         }
-        if !files.contains_key(l.blob.file.as_path()) {
-            let f = File::open(&l.blob.file).map_err(|e| read_err(index, l, e))?;
-            files.insert(&l.blob.file, f);
-        }
-        let file = &files[l.blob.file.as_path()];
-        let label = format!("verifying layer {}/{}", index + 1, r.layers.len());
-        let start = done;
-        // Before the hash: a write during or after it moves the ctime.
-        let identity = FileId::of(file).map_err(|e| read_err(index, l, e))?;
-        let found = sha256_range(file, l.blob.offset, l.blob.length, &mut |n| progress(&label, start + n, total))
-            .map_err(|e| read_err(index, l, e))?;
-        done += l.blob.length;
-        hashed.insert(&l.blob, (found, identity));
     }
+    let total: u64 = distinct.iter().map(|&i| r.layers[i].blob.length).sum();
+    let hashed = hash_blobs(r, &distinct, total, progress).map_err(|(index, e)| read_err(index, &r.layers[index], e))?;
+    let hashed: HashMap<&BlobRef, (Digest, FileId)> =
+        distinct.iter().zip(hashed).map(|(&i, h)| (&r.layers[i].blob, h)).collect();
 
     let mut layers = vec![];
     for (index, (l, compression)) in r.layers.iter().zip(codecs).enumerate() {
