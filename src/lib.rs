@@ -17,6 +17,9 @@
 //!    [`image`] and write it atomically through [`output`].
 //!
 //! [`export`] writes the same merge as one tar on the host, no VM at all.
+//! Every error reaches the user through [`report`], which escapes and
+//! bounds what input put in it.
+//!
 //! [`closure`] reads the Nix store paths `--copy-closure` adds (the Nix
 //! library in `nix/default.nix` drives the CLI).
 
@@ -33,4 +36,5 @@ pub mod layers;
 pub mod lower;
 pub mod machine;
 pub mod output;
+pub mod report;
 pub mod run;

@@ -123,8 +123,8 @@ pub enum MachineError {
     QemuFailed { status: std::process::ExitStatus, stderr: String },
     #[error("reading the guest console failed")]
     Console(#[source] std::io::Error),
-    #[error("the built-in VMM cannot run here: {reason}")]
-    KvmUnavailable { reason: String },
+    #[error("the built-in VMM cannot run here (--vmm builtin); use --vmm qemu, or --vmm auto to fall back to QEMU")]
+    KvmUnavailable(#[source] kvm::Unsupported),
     #[error("the built-in VMM failed: {0}")]
     Kvm(#[from] kvm::Error),
     #[error("cannot serve disk {serial} to QEMU over NBD at {socket}")]
