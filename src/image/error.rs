@@ -155,7 +155,11 @@ pub enum ImageError {
     BadTag { tag: String, reason: String },
 
     #[error("invalid created time {value:?}: expected RFC 3339, e.g. 1970-01-01T00:00:01Z")]
-    BadCreated { value: String },
+    BadCreated {
+        value: String,
+        #[source]
+        source: time::error::Parse,
+    },
 
     #[error("the base image's config is not a JSON object ({source_name})")]
     ConfigNotObject { source_name: String },

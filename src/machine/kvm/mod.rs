@@ -132,8 +132,12 @@ pub enum Error {
     },
     #[error("waiting for the guest failed")]
     Wait(#[source] io::Error),
-    #[error("vCPU {cpu} stopped the guest: {reason}")]
-    GuestFailed { cpu: u8, reason: String },
+    #[error("vCPU {cpu} stopped the guest")]
+    GuestFailed {
+        cpu: u8,
+        #[source]
+        reason: vcpu::Stop,
+    },
     #[error("the vCPU threads did not stop within {STOP_TIMEOUT:?}")]
     StopTimeout,
 }
