@@ -1,7 +1,6 @@
-//! `runasroot`: parse the arguments, run, print the whole error chain,
-//! exit as `docker run` does.
+//! `runasroot`: parse the arguments, run, print the error (through
+//! [`runasroot::report`], the one renderer), exit as `docker run` does.
 
-use std::error::Error as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,6 +13,11 @@ const NO_ARGUMENTS: &str = concat!(
     "       runasroot export --base IMAGE -o ROOTFS.tar\n",
     "see `runasroot --help` for every option",
 );
+
+/// Installing the SIGINT/SIGTERM handlers failed (before any work).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot install the SIGINT/SIGTERM handlers")]
+struct SignalHandlers(#[source] std::io::Error);
 
 fn main() -> ExitCode {
     if std::env::args_os().len() <= 1 {
@@ -32,7 +36,7 @@ fn main() -> ExitCode {
     let stop = match runasroot::interrupt::install() {
         Ok(stop) => stop,
         Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
+            eprint!("{}", runasroot::report::render(&SignalHandlers(e), None, None));
             return ExitCode::from(run::EXIT_FAILED);
         }
     };
@@ -43,12 +47,7 @@ fn main() -> ExitCode {
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         Err((err, _ui)) => {
-            eprintln!("error: {err}");
-            let mut source = err.source();
-            while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
-                source = cause.source();
-            }
+            eprint!("{}", runasroot::report::render(&err, err.fix().as_deref(), err.context()));
             ExitCode::from(err.exit_code())
         }
     }

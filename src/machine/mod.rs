@@ -119,8 +119,9 @@ pub enum MachineError {
         path_var: Option<String>,
         tried: Vec<PathBuf>,
     },
-    #[error("QEMU exited with {status} before the guest reset:\n{stderr}")]
-    QemuFailed { status: std::process::ExitStatus, stderr: String },
+    /// `stderr`: QEMU's own lines, shown below the error by the renderer.
+    #[error("QEMU exited with {status} before the guest reset")]
+    QemuFailed { status: std::process::ExitStatus, stderr: Vec<String> },
     #[error("reading the guest console failed")]
     Console(#[source] std::io::Error),
     #[error("the built-in VMM cannot run here (--vmm builtin); use --vmm qemu, or --vmm auto to fall back to QEMU")]
