@@ -28,9 +28,15 @@ fn main() -> ExitCode {
     // (clap's own default is 2, which a script could have returned).
     let cli = match runasroot::cli::Cli::try_parse() {
         Ok(cli) => cli,
+        // --help and --version as clap prints them; a usage error (which
+        // quotes the arguments given) escaped like every other error.
+        Err(e) if e.use_stderr() => {
+            eprint!("{}", runasroot::report::escape_lines(&e.render().to_string()));
+            return ExitCode::from(run::EXIT_FAILED);
+        }
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(run::EXIT_FAILED) } else { ExitCode::SUCCESS };
+            return ExitCode::SUCCESS;
         }
     };
     let stop = match runasroot::interrupt::install() {

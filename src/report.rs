@@ -155,6 +155,18 @@ fn push_char(out: &mut String, c: char) {
     }
 }
 
+/// Multi-line text from elsewhere (clap's usage errors) made safe line by
+/// line: each line escaped as [`escape`] does, the line breaks kept.
+pub fn escape_lines(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for l in text.split_inclusive('\n') {
+        let (body, nl) = l.strip_suffix('\n').map_or((l, ""), |b| (b, "\n"));
+        out.push_str(&escape(body));
+        out.push_str(nl);
+    }
+    out
+}
+
 /// Bytes from input (a tar entry name, a link target) as a quoted name for
 /// a message: valid UTF-8 kept, invalid bytes as `\xNN`, quotes and
 /// backslashes escaped as Rust's `{:?}` does, the characters of
@@ -328,6 +340,12 @@ mod tests {
     fn one_line_joins_the_chain() {
         let err = Top::Read("a\x1b".into(), Mid(io::Error::other("eof")));
         assert_eq!(one_line(&err), "reading the base image a\\x1b failed: cannot read the tar archive: eof");
+    }
+
+    #[test]
+    fn escape_lines_keeps_line_breaks_only() {
+        assert_eq!(escape_lines("error: bad 'a\x1b[2Jb'\n\nUsage: x\n"), "error: bad 'a\\x1b[2Jb'\n\nUsage: x\n");
+        assert_eq!(escape_lines("no newline\r"), "no newline\\r");
     }
 
     #[test]
