@@ -480,13 +480,6 @@ fn read_result(output_disk: &Path, job_args: &GuestJob, mut console: Console, ui
         let t: Vec<String> = outcome.timings.iter().map(|(p, t)| format!("{p}={t:.3}s")).collect();
         ui.println(&format!("runasroot: guest timings (uptime at end of phase): {}", report::escape(&t.join(" "))));
     }
-    if outcome.notes.contains(&Note::OomKilled) {
-        ui.notice(&format!(
-            "runasroot: warning: the guest's OOM killer killed a process the script started (the script still exited 0); \
-             raise --memory (now {} MiB) if that matters",
-            vm.memory
-        ));
-    }
     let room = f.metadata().map_err(rerr)?.len().saturating_sub(contract::PAYLOAD_OFFSET);
     let (len, digest) = match guest_output::check_outcome(&outcome, room)? {
         Claim::Failed { kind, reason } => return Err(RunError::Guest { kind, fix: fix(kind, vm), reason }),
@@ -503,6 +496,13 @@ fn read_result(output_disk: &Path, job_args: &GuestJob, mut console: Console, ui
     let input = io::BufReader::with_capacity(1 << 20, f.take(len));
     let checked = guest_output::check_payload(input, len, &digest, kind)?;
     ui.verbose_line(&format!("runasroot: the guest's {} entries passed every check", checked.entries));
+    if outcome.notes.contains(&Note::OomKilled) {
+        ui.notice(&format!(
+            "runasroot: warning: the guest's OOM killer killed a process the script started (the script still exited 0); \
+             raise --memory (now {} MiB) if that matters",
+            vm.memory
+        ));
+    }
     Ok(GuestResult { output_disk: output_disk.to_path_buf(), payload_len: len, exit_code: 0, payload_digest: Some(checked.digest) })
 }
 
@@ -809,5 +809,23 @@ mod tests {
         assert_eq!(c.tail.iter().cloned().collect::<Vec<_>>(), vec!["[ 0.1] boot", "@rar phase mount", "@rar out hello", "Kernel panic - not syncing: x"]);
         assert_eq!(c.panic_line.as_deref(), Some("Kernel panic - not syncing: x"));
         assert_eq!(c.partial, b"partial");
+    }
+
+    #[test]
+    fn console_lines_and_tail_are_bounded() {
+        let ui = Ui { verbose: false, quiet: true, progress: None, started: Instant::now() };
+        let mut c = Console::new(&ui);
+        // A guest that never ends its line.
+        for _ in 0..100 {
+            c.feed(&[b'x'; 1000]);
+        }
+        assert!(c.partial.len() < MAX_CONSOLE_LINE);
+        assert_eq!(c.tail.len(), 6, "100000 bytes make 6 lines of {MAX_CONSOLE_LINE}");
+        assert!(c.tail.iter().all(|l| l.len() == MAX_CONSOLE_LINE));
+        for i in 0..100 {
+            c.feed(format!("line {i}\n").as_bytes());
+        }
+        assert_eq!(c.tail.len(), CONSOLE_TAIL);
+        assert_eq!(c.tail.back().map(String::as_str), Some("line 99"));
     }
 }
