@@ -11,6 +11,10 @@
 //! One honest case goes first: the same init writing a well-formed layer
 //! must succeed, so a refusal below is the host's check, not a broken
 //! harness.
+//!
+//! Hostile images get the same treatment where their bytes would reach a
+//! message: a base of random bytes, a tar whose second header is garbage
+//! with terminal escapes in it.
 
 mod common;
 
@@ -342,4 +346,56 @@ fn lying_result_headers_are_refused_and_nothing_is_written() {
         want: Want::Refused(&["the export it wrote is invalid", "entry 2 \"etc/.wh.passwd\"", "an export holds no whiteouts (.wh. names)"]),
     });
     run_cases(cases);
+}
+
+/// Runs `runasroot` on `base` (no guest is reached) and checks the error
+/// is a few printable lines naming the file.
+fn refused_base(base_bytes: &[u8], needles: &[&str]) {
+    let dir = scratch();
+    let tmp = subdir(dir.path(), "tmp");
+    let base = dir.path().join("base.tar");
+    fs::write(&base, base_bytes).unwrap();
+    fs::set_permissions(&base, fs::Permissions::from_mode(0o644)).unwrap();
+    let s = script(dir.path(), "s.sh", "true\n");
+    let out = dir.path().join("out.tar");
+    let run = runasroot(&["--base", base.to_str().unwrap(), "--script", s.to_str().unwrap(), "-o", out.to_str().unwrap()], &tmp);
+    println!("{}", run.stderr);
+    assert_eq!(run.code, 125, "{run:?}");
+    assert!(!out.exists());
+    assert_empty_dir(&tmp);
+    assert!(!run.stderr.chars().any(|c| c.is_control() && c != '\n'), "a raw control character: {run:?}");
+    let error_lines = run.stderr.lines().skip_while(|l| !l.starts_with("error: ")).count();
+    assert!((2..=4).contains(&error_lines), "a few lines: {run:?}");
+    assert!(run.stderr.lines().all(|l| l.chars().count() <= 500), "bounded lines: {run:?}");
+    for n in needles {
+        assert!(run.stderr.contains(n), "lacks {n:?}: {run:?}");
+    }
+}
+
+#[test]
+fn a_base_of_random_bytes_gets_a_plain_message() {
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let random: Vec<u8> = (0..20_000)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 24) as u8
+        })
+        .collect();
+    refused_base(&random, &["base.tar is not a container image: it is not compressed and is no tar archive"]);
+}
+
+#[test]
+fn a_corrupt_header_in_a_base_is_escaped_and_bounded() {
+    // A good first member, then a header whose name holds terminal escapes
+    // and whose checksum field is not even text: the tar reader's message
+    // quotes both.
+    let mut bad = vec![0u8; 512];
+    let name = b"\x1b]0;pwned\x07\x1b[2J\x1b[31mred";
+    bad[..name.len()].copy_from_slice(name);
+    bad[148..156].copy_from_slice(&[0xff, 0xfe, 0x1b, b'[', b'H', 0x9b, 0xc0, 0x00]);
+    bad[257..263].copy_from_slice(b"ustar\0");
+    let base = tar(&[file("manifest.json", b"[]"), bad]);
+    refused_base(&base, &["cannot read the tar archive", "base.tar: it is truncated or corrupt", "\\x1b]0;pwned\\x07"]);
 }
