@@ -122,9 +122,10 @@ fn needs_escape(c: char) -> bool {
             '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
-/// Text made safe for a terminal: the characters of [`needs_escape`] as
-/// `\n`, `\r`, `\t`, `\0`, `\xNN` (below U+0100) or `\u{NNNN}`. Everything
-/// else, non-ASCII letters included, is kept.
+/// Text made safe for a terminal: control characters and the format
+/// characters that reorder or hide text as `\n`, `\r`, `\t`, `\0`, `\xNN`
+/// (below U+0100) or `\u{NNNN}`. Everything else, non-ASCII letters
+/// included, is kept.
 pub fn escape(text: &str) -> Cow<'_, str> {
     if !text.chars().any(needs_escape) {
         return Cow::Borrowed(text);
