@@ -191,7 +191,7 @@ fn main() {
         Ok(()) => boot_and_end_to_end(&m, dir.path(), runs),
         Err(reason) => match l1::unavailable() {
             Some(why) => println!("  boot to init, end to end, exit counts: cannot be measured here ({reason}), nor in the nested L1 ({why})"),
-            None => nested(&m, dir.path(), &reason),
+            None => nested(&m, dir.path(), &reason.to_string()),
         },
     }
 }

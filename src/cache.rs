@@ -56,7 +56,7 @@ pub enum CacheError {
         source: io::Error,
     },
     #[error("RUNASROOT_CACHE_LIMIT={0:?} is not a number of MiB")]
-    BadLimit(String),
+    BadLimit(String, #[source] std::num::ParseIntError),
 }
 
 /// The spool cache (see the module docs).
@@ -104,7 +104,7 @@ impl Cache {
     /// Opens (creating it if needed) the cache the environment names.
     pub fn open(location: &Location) -> Result<Cache, CacheError> {
         let limit_mib = match &location.limit {
-            Some(v) => v.trim().parse::<u64>().map_err(|_| CacheError::BadLimit(v.clone()))?,
+            Some(v) => v.trim().parse::<u64>().map_err(|e| CacheError::BadLimit(v.clone(), e))?,
             None => DEFAULT_LIMIT_MIB,
         };
         let (root, anchor) = location.root().ok_or(CacheError::NoLocation)?;
@@ -320,7 +320,7 @@ mod tests {
         let loc = Location { home: Some("/proc/self".into()), ..Location::default() };
         assert!(matches!(Cache::open(&loc), Err(CacheError::Unusable { .. })));
         let loc = Location { runasroot_cache: Some("/tmp".into()), limit: Some("lots".into()), ..Location::default() };
-        assert!(matches!(Cache::open(&loc), Err(CacheError::BadLimit(_))));
+        assert!(matches!(Cache::open(&loc), Err(CacheError::BadLimit(..))));
     }
 
     #[test]

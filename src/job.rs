@@ -31,7 +31,7 @@ pub enum JobError {
         source: time::error::Parse,
     },
     #[error("SOURCE_DATE_EPOCH={0:?} is not a number of seconds")]
-    BadSourceDateEpoch(String),
+    BadSourceDateEpoch(String, #[source] std::num::ParseIntError),
     #[error("cannot read the script {path}")]
     ReadScript {
         path: PathBuf,
@@ -91,7 +91,7 @@ pub struct Times {
 pub fn resolve_times(created_flag: Option<&str>, source_date_epoch: Option<&str>, now: time::OffsetDateTime) -> Result<Times, JobError> {
     use time::format_description::well_known::Rfc3339;
     let sde = match source_date_epoch.map(str::trim).filter(|s| !s.is_empty()) {
-        Some(s) => Some(s.parse::<u64>().map_err(|_| JobError::BadSourceDateEpoch(s.to_string()))?),
+        Some(s) => Some(s.parse::<u64>().map_err(|e| JobError::BadSourceDateEpoch(s.to_string(), e))?),
         None => None,
     };
     let created_time = match created_flag {
@@ -238,7 +238,7 @@ mod tests {
         let t = resolve_times(Some("now"), None, now).unwrap();
         assert_eq!((t.created.as_str(), t.epoch), ("2026-11-23T10:00:00Z", 1795428000));
         assert!(matches!(resolve_times(Some("yesterday"), None, now), Err(JobError::BadCreated { .. })));
-        assert!(matches!(resolve_times(None, Some("soon"), now), Err(JobError::BadSourceDateEpoch(_))));
+        assert!(matches!(resolve_times(None, Some("soon"), now), Err(JobError::BadSourceDateEpoch(..))));
     }
 
     #[test]

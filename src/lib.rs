@@ -13,10 +13,17 @@
 //! 4. [`machine`]: boot our kernel and guest-init through the built-in
 //!    VMM or QEMU microvm; the guest mounts the lower under an overlay,
 //!    runs the script, packs the new layer (it unpacks nothing).
-//! 5. [`run`]: read the result, verify it, assemble the new image with
-//!    [`image`] and write it atomically through [`output`].
+//! 5. [`run`]: read the result and check it whole ([`guest_output`]: the
+//!    guest is not trusted), assemble the new image with [`image`] and
+//!    write it atomically through [`output`].
+//!
+//! Every error reaches the user through [`report`], which escapes and
+//! bounds what input put in it.
 //!
 //! [`export`] writes the same merge as one tar on the host, no VM at all.
+//! Every error reaches the user through [`report`], which escapes and
+//! bounds what input put in it.
+//!
 //! [`closure`] reads the Nix store paths `--copy-closure` adds (the Nix
 //! library in `nix/default.nix` drives the CLI).
 
@@ -26,6 +33,7 @@ pub mod cli;
 pub mod closure;
 pub mod erofs;
 pub mod export;
+pub mod guest_output;
 pub mod image;
 pub mod interrupt;
 pub mod job;
@@ -33,4 +41,5 @@ pub mod layers;
 pub mod lower;
 pub mod machine;
 pub mod output;
+pub mod report;
 pub mod run;

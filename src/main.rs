@@ -1,7 +1,6 @@
-//! `runasroot`: parse the arguments, run, print the whole error chain,
-//! exit as `docker run` does.
+//! `runasroot`: parse the arguments, run, print the error (through
+//! [`runasroot::report`], the one renderer), exit as `docker run` does.
 
-use std::error::Error as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,6 +14,11 @@ const NO_ARGUMENTS: &str = concat!(
     "see `runasroot --help` for every option",
 );
 
+/// Installing the SIGINT/SIGTERM handlers failed (before any work).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot install the SIGINT/SIGTERM handlers")]
+struct SignalHandlers(#[source] std::io::Error);
+
 fn main() -> ExitCode {
     if std::env::args_os().len() <= 1 {
         eprintln!("{NO_ARGUMENTS}");
@@ -24,15 +28,21 @@ fn main() -> ExitCode {
     // (clap's own default is 2, which a script could have returned).
     let cli = match runasroot::cli::Cli::try_parse() {
         Ok(cli) => cli,
+        // --help and --version as clap prints them; a usage error (which
+        // quotes the arguments given) escaped like every other error.
+        Err(e) if e.use_stderr() => {
+            eprint!("{}", runasroot::report::escape_lines(&e.render().to_string()));
+            return ExitCode::from(run::EXIT_FAILED);
+        }
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(run::EXIT_FAILED) } else { ExitCode::SUCCESS };
+            return ExitCode::SUCCESS;
         }
     };
     let stop = match runasroot::interrupt::install() {
         Ok(stop) => stop,
         Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
+            eprint!("{}", runasroot::report::render(&SignalHandlers(e), None, None));
             return ExitCode::from(run::EXIT_FAILED);
         }
     };
@@ -43,12 +53,7 @@ fn main() -> ExitCode {
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         Err((err, _ui)) => {
-            eprintln!("error: {err}");
-            let mut source = err.source();
-            while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
-                source = cause.source();
-            }
+            eprint!("{}", runasroot::report::render(&err, err.fix().as_deref(), err.context()));
             ExitCode::from(err.exit_code())
         }
     }

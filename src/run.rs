@@ -13,10 +13,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runasroot_guest::contract::{self, FailureKind, Job, Mode, Status};
-use sha2::{Digest as _, Sha256};
+use runasroot_guest::contract::{self, DecodeError, FailureKind, Job, Mode, Note};
 
 use crate::cache::{self, Cache};
+use crate::guest_output::{self, payload, Claim, OutputError as GuestOutputError};
 use crate::cli::{self, ExportArgs, RunArgs, ScriptArgs, UiArgs, VmArgs};
 use crate::image::{self, Digest, Image, ImageError};
 use crate::job::{self, JobDisk, JobError, Times};
@@ -24,6 +24,7 @@ use crate::layers::Spool;
 use crate::lower::{self, LowerError};
 use crate::machine::{select, Backing, DiskSpec, GuestExit, GuestSpec, Machine, MachineError};
 use crate::output::{self, OutputError, Target};
+use crate::report;
 
 /// Exit status when runasroot itself failed (as `docker run`).
 pub const EXIT_FAILED: u8 = 125;
@@ -35,8 +36,12 @@ const MIN_MEMORY_MIB: u64 = 128;
 const MIN_DISK_MIB: u64 = 16;
 /// The guest kernel's CONFIG_NR_CPUS (kernel-config/runasroot.config).
 const MAX_CPUS: u64 = 32;
-/// Console lines kept for error reports.
-const CONSOLE_TAIL: usize = 40;
+/// Console lines kept for error reports (the renderer shows the last
+/// [`report::MAX_CONTEXT`]).
+const CONSOLE_TAIL: usize = report::MAX_CONTEXT;
+/// Longest console line kept whole (the guest cuts the script's lines at
+/// 4 KiB); a longer one is split, so the console buffer stays bounded.
+const MAX_CONSOLE_LINE: usize = 16 << 10;
 
 /// Errors of a run, each naming what failed and the fix where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +58,12 @@ pub enum RunError {
     NoOutput,
     #[error("-o and --layer-output cannot both be standard output")]
     BothStdout,
-    #[error("--timeout {0:?} is not a duration (e.g. 90, 90s, 5m)")]
-    BadTimeout(String),
+    #[error("--timeout {value:?} is not a duration (e.g. 90, 90s, 5m)")]
+    BadTimeout {
+        value: String,
+        #[source]
+        source: humantime::DurationError,
+    },
     #[error("--{flag} must be at least {min}")]
     TooSmall { flag: &'static str, min: u64 },
     #[error("--{flag} can be at most {max} (the guest kernel's limit)")]
@@ -89,14 +98,16 @@ pub enum RunError {
     TimedOut(String),
     #[error("interrupted: the guest was stopped and nothing was written")]
     Interrupted,
-    #[error("{reason}{hint}")]
-    Guest { kind: FailureKind, reason: String, hint: String },
-    #[error("the guest kernel panicked: {line}\n{tail}")]
-    GuestPanic { line: String, tail: String },
-    #[error("the guest ended without writing a result ({detail}); rerun with -v to see its log\n{tail}")]
-    NoResult { detail: String, tail: String },
-    #[error("the guest's result is invalid: {0}")]
-    BadResult(String),
+    /// The guest's own report: what failed and where; the flag to change
+    /// is the host's to say ([`RunError::fix`]).
+    #[error("{reason}")]
+    Guest { kind: FailureKind, reason: String, fix: Option<String> },
+    #[error("the guest kernel panicked: {line}")]
+    GuestPanic { line: String, tail: Vec<String> },
+    #[error("the guest ended without writing a result (rerun with -v to see its whole log)")]
+    NoResult { tail: Vec<String> },
+    #[error("refusing what the guest wrote on its output disk; nothing was written")]
+    GuestOutput(#[from] GuestOutputError),
     #[error("reading the guest's output disk {path} failed")]
     ReadOutput {
         path: PathBuf,
@@ -111,6 +122,26 @@ impl RunError {
             RunError::TimedOut(_) => EXIT_TIMEOUT,
             RunError::Interrupted => crate::interrupt::EXIT_INTERRUPTED,
             _ => EXIT_FAILED,
+        }
+    }
+
+    /// What to do about it, when that is a flag of ours to change.
+    pub fn fix(&self) -> Option<String> {
+        match self {
+            RunError::Guest { fix, .. } => fix.clone(),
+            _ => None,
+        }
+    }
+
+    /// Lines that explain the error beyond its chain: the end of the guest
+    /// console, QEMU's own complaint.
+    pub fn context(&self) -> Option<report::Context<'_>> {
+        match self {
+            RunError::GuestPanic { tail, .. } | RunError::NoResult { tail } => {
+                Some(report::Context { title: "last lines of the guest console", lines: tail })
+            }
+            RunError::Machine(MachineError::QemuFailed { stderr, .. }) => Some(report::Context { title: "QEMU's stderr", lines: stderr }),
+            _ => None,
         }
     }
 }
@@ -204,25 +235,30 @@ impl<'a> Console<'a> {
 
     fn feed(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            if b == b'\n' {
+            if b != b'\n' {
+                self.partial.push(b);
+            }
+            // A guest that never ends a line must not fill host memory:
+            // a line stops at MAX_CONSOLE_LINE bytes.
+            if b == b'\n' || self.partial.len() == MAX_CONSOLE_LINE {
                 let line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
                 self.partial.clear();
                 self.line(line);
-            } else {
-                self.partial.push(b);
             }
         }
     }
 
     fn line(&mut self, line: String) {
+        // The script's own output passes through as `docker run` passes
+        // it; what the guest says about itself is escaped like any message.
         if let Some(rest) = line.strip_prefix(contract::CONSOLE_TAG) {
             if let Some(text) = rest.strip_prefix("out ") {
                 self.ui.println(text);
             } else if let Some(phase) = rest.strip_prefix("phase ") {
-                self.ui.phase(phase);
+                self.ui.phase(&report::escape(phase));
             } else if let Some(text) = rest.strip_prefix("log ") {
                 if self.ui.verbose {
-                    self.ui.println(&format!("guest: {text}"));
+                    self.ui.println(&format!("guest: {}", report::escape(text)));
                 }
             }
         } else {
@@ -230,7 +266,7 @@ impl<'a> Console<'a> {
                 self.panic_line = Some(line.trim().to_string());
             }
             if self.ui.verbose {
-                self.ui.println(&format!("kernel: {line}"));
+                self.ui.println(&format!("kernel: {}", report::escape(&line)));
             }
         }
         if self.tail.len() == CONSOLE_TAIL {
@@ -239,13 +275,8 @@ impl<'a> Console<'a> {
         self.tail.push_back(line);
     }
 
-    fn tail_text(&self) -> String {
-        let mut s = String::from("--- last guest console lines ---");
-        for l in &self.tail {
-            s.push('\n');
-            s.push_str(l);
-        }
-        s
+    fn tail_lines(&self) -> Vec<String> {
+        self.tail.iter().cloned().collect()
     }
 }
 
@@ -256,7 +287,7 @@ pub fn parse_timeout(s: &str) -> Result<Duration, RunError> {
             return Ok(Duration::from_secs_f64(secs));
         }
     }
-    humantime::parse_duration(s.trim()).map_err(|_| RunError::BadTimeout(s.to_string()))
+    humantime::parse_duration(s.trim()).map_err(|source| RunError::BadTimeout { value: s.to_string(), source })
 }
 
 /// A per-run temporary directory (in $TMPDIR), removed on every exit path.
@@ -309,7 +340,7 @@ fn open_cache(no_cache: bool, ui: &Ui) -> Option<Cache> {
             Some(c)
         }
         Err(e) => {
-            ui.verbose_line(&format!("runasroot: no cache ({e}); decompressed layers go to TMPDIR for this run"));
+            ui.verbose_line(&format!("runasroot: no cache ({}); decompressed layers go to TMPDIR for this run", report::one_line(&e)));
             None
         }
     }
@@ -424,80 +455,65 @@ fn run_guest(
     // was verified.
     base.check_unchanged()?;
 
-    let mut f = File::open(&output_disk).map_err(|source| RunError::ReadOutput { path: output_disk.clone(), source })?;
+    read_result(&output_disk, job_args, console, ui)
+}
+
+/// Reads the output disk and checks everything on it before anything is
+/// written anywhere (guest_output: the guest is not trusted).
+fn read_result(output_disk: &Path, job_args: &GuestJob, mut console: Console, ui: &Ui) -> Result<GuestResult, RunError> {
+    let vm = job_args.vm;
+    let rerr = |source| RunError::ReadOutput { path: output_disk.to_path_buf(), source };
+    let mut f = File::open(output_disk).map_err(rerr)?;
     let mut block = vec![0u8; contract::RESULT_AREA as usize];
-    f.read_exact(&mut block).map_err(|source| RunError::ReadOutput { path: output_disk.clone(), source })?;
+    f.read_exact(&mut block).map_err(rerr)?;
     let outcome = match contract::Outcome::decode(&block) {
         Ok(o) => o,
         Err(e) => {
-            return Err(match console.panic_line.take() {
-                Some(line) => RunError::GuestPanic { line, tail: console.tail_text() },
-                None => RunError::NoResult { detail: e.to_string(), tail: console.tail_text() },
+            return Err(match (console.panic_line.take(), e) {
+                (Some(line), _) => RunError::GuestPanic { line, tail: console.tail_lines() },
+                (None, DecodeError::NoMagic { .. }) => RunError::NoResult { tail: console.tail_lines() },
+                (None, e) => GuestOutputError::Header(e).into(),
             })
         }
     };
     if ui.verbose {
         let t: Vec<String> = outcome.timings.iter().map(|(p, t)| format!("{p}={t:.3}s")).collect();
-        ui.println(&format!("runasroot: guest timings (uptime at end of phase): {}", t.join(" ")));
+        ui.println(&format!("runasroot: guest timings (uptime at end of phase): {}", report::escape(&t.join(" "))));
     }
-    match outcome.status {
-        Status::Failed { kind, reason } => Err(RunError::Guest { kind, hint: hint(kind, vm), reason }),
-        Status::Finished { exit_code } => {
-            if exit_code == 0 {
-                let disk_len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                if outcome.payload_len > disk_len.saturating_sub(contract::PAYLOAD_OFFSET) {
-                    return Err(RunError::BadResult(format!("payload of {} bytes does not fit the output disk", outcome.payload_len)));
-                }
-            }
-            Ok(GuestResult { output_disk, payload_len: outcome.payload_len, exit_code, payload_digest: None })
-                .and_then(|r| verify_payload(r, outcome.payload_digest.as_deref()))
+    let room = f.metadata().map_err(rerr)?.len().saturating_sub(contract::PAYLOAD_OFFSET);
+    let (len, digest) = match guest_output::check_outcome(&outcome, room)? {
+        Claim::Failed { kind, reason } => return Err(RunError::Guest { kind, fix: fix(kind, vm), reason }),
+        Claim::ScriptFailed { code } => {
+            return Ok(GuestResult { output_disk: output_disk.to_path_buf(), payload_len: 0, exit_code: code.into(), payload_digest: None })
         }
+        Claim::Payload { len, digest } => (len, digest),
+    };
+    let kind = match job_args.mode {
+        Mode::Layer => payload::Kind::Layer { epoch: job_args.times.epoch },
+        Mode::Export => payload::Kind::Export,
+    };
+    f.seek(SeekFrom::Start(contract::PAYLOAD_OFFSET)).map_err(rerr)?;
+    let input = io::BufReader::with_capacity(1 << 20, f.take(len));
+    let checked = guest_output::check_payload(input, len, &digest, kind)?;
+    ui.verbose_line(&format!("runasroot: the guest's {} entries passed every check", checked.entries));
+    if outcome.notes.contains(&Note::OomKilled) {
+        ui.notice(&format!(
+            "runasroot: warning: the guest's OOM killer killed a process the script started (the script still exited 0); \
+             raise --memory (now {} MiB) if that matters",
+            vm.memory
+        ));
     }
+    Ok(GuestResult { output_disk: output_disk.to_path_buf(), payload_len: len, exit_code: 0, payload_digest: Some(checked.digest) })
 }
 
-/// The flag to raise for each limit the guest can hit.
-fn hint(kind: FailureKind, vm: &VmArgs) -> String {
+/// The flag to change for each kind of failure the guest reports.
+fn fix(kind: FailureKind, vm: &VmArgs) -> Option<String> {
     match kind {
-        FailureKind::OutOfScratch => format!("\n  fix: raise --disk-size (now {} MiB)", vm.disk_size),
-        FailureKind::OutOfMemory => format!("\n  fix: raise --memory (now {} MiB)", vm.memory),
-        FailureKind::NoInterpreter => "\n  fix: start the script with a #! line naming an interpreter the image has".into(),
-        FailureKind::BadInput | FailureKind::Internal => String::new(),
+        FailureKind::OutOfScratch => Some(format!("raise --disk-size (now {} MiB)", vm.disk_size)),
+        FailureKind::OutOfMemory => Some(format!("raise --memory (now {} MiB)", vm.memory)),
+        FailureKind::NoInterpreter => Some("start the script with a #! line naming an interpreter the image has".into()),
+        FailureKind::BadInput | FailureKind::Internal => None,
     }
-}
-
-/// Hashes the payload on the host, compares with the guest's digest and
-/// keeps it (the new layer's diff_id: no second pass over the layer).
-fn verify_payload(mut r: GuestResult, digest: Option<&str>) -> Result<GuestResult, RunError> {
-    if r.exit_code != 0 {
-        return Ok(r);
-    }
-    let found = hash_range(&r.output_disk, contract::PAYLOAD_OFFSET, r.payload_len)?;
-    match digest {
-        Some(d) if d == found.as_str() => {
-            r.payload_digest = Some(found);
-            Ok(r)
-        }
-        other => Err(RunError::BadResult(format!("payload digest {found} differs from the guest's {other:?}"))),
-    }
-}
-
-fn hash_range(path: &Path, offset: u64, len: u64) -> Result<Digest, RunError> {
-    let rerr = |source| RunError::ReadOutput { path: path.to_path_buf(), source };
-    let mut f = File::open(path).map_err(rerr)?;
-    f.seek(SeekFrom::Start(offset)).map_err(rerr)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let want = left.min(buf.len() as u64) as usize;
-        let n = f.read(&mut buf[..want]).map_err(rerr)?;
-        if n == 0 {
-            return Err(rerr(io::Error::new(io::ErrorKind::UnexpectedEof, "output disk shorter than its payload")));
-        }
-        hasher.update(&buf[..n]);
-        left -= n as u64;
-    }
-    Ok(Digest::from_sha256(&hasher.finalize()))
 }
 
 /// Copies the payload into its own file (copy_file_range where possible).
@@ -793,5 +809,23 @@ mod tests {
         assert_eq!(c.tail.iter().cloned().collect::<Vec<_>>(), vec!["[ 0.1] boot", "@rar phase mount", "@rar out hello", "Kernel panic - not syncing: x"]);
         assert_eq!(c.panic_line.as_deref(), Some("Kernel panic - not syncing: x"));
         assert_eq!(c.partial, b"partial");
+    }
+
+    #[test]
+    fn console_lines_and_tail_are_bounded() {
+        let ui = Ui { verbose: false, quiet: true, progress: None, started: Instant::now() };
+        let mut c = Console::new(&ui);
+        // A guest that never ends its line.
+        for _ in 0..100 {
+            c.feed(&[b'x'; 1000]);
+        }
+        assert!(c.partial.len() < MAX_CONSOLE_LINE);
+        assert_eq!(c.tail.len(), 6, "100000 bytes make 6 lines of {MAX_CONSOLE_LINE}");
+        assert!(c.tail.iter().all(|l| l.len() == MAX_CONSOLE_LINE));
+        for i in 0..100 {
+            c.feed(format!("line {i}\n").as_bytes());
+        }
+        assert_eq!(c.tail.len(), CONSOLE_TAIL);
+        assert_eq!(c.tail.back().map(String::as_str), Some("line 99"));
     }
 }

@@ -44,7 +44,8 @@ fn filling_the_scratch_space_names_disk_size() {
     // 200 MiB into a 64 MiB scratch.
     let Some(run) = limited("dd if=/dev/zero of=/big bs=1M count=200\n", &["--disk-size", "64"]) else { return };
     assert_eq!(run.code, 125, "{run:?}");
-    assert!(run.stderr.contains("--disk-size"), "the message names the flag: {run:?}");
+    assert!(run.stderr.contains("  fix: raise --disk-size (now 64 MiB)\n"), "the message names the flag: {run:?}");
+    assert_eq!(run.stderr.matches("--disk-size").count(), 1, "the host alone says which flag, once: {run:?}");
 }
 
 #[test]
@@ -54,7 +55,37 @@ fn a_guest_oom_names_memory() {
     let hog = "awk 'BEGIN { while (1) a[i++] = sprintf(\"%0200d\", i) }'\n";
     let Some(run) = limited(hog, &["--memory", "128", "--disk-size", "64", "--timeout", "10m"]) else { return };
     assert_eq!(run.code, 125, "{run:?}");
-    assert!(run.stderr.contains("--memory"), "the message names the flag: {run:?}");
+    assert!(run.stderr.contains("  fix: raise --memory (now 128 MiB)\n"), "the message names the flag: {run:?}");
+    assert_eq!(run.stderr.matches("--memory").count(), 1, "the host alone says which flag, once: {run:?}");
+}
+
+#[test]
+fn an_oom_kill_the_script_survives_is_a_warning_naming_memory() {
+    let Some(img) = busybox_image() else {
+        skip("busybox-static is missing");
+        return;
+    };
+    let dir = scratch();
+    let base = dir.path().join("base.tar");
+    write(&base, &Build::new(Format::DockerHybrid), &[img]);
+    let tmp = subdir(dir.path(), "tmp");
+    // Four 80 MiB buffers filled at once (more than RAM and swap
+    // together; one 300 MiB malloc would just fail): the OOM killer fires
+    // within seconds, and the script exits 0 anyway.
+    let s = script(dir.path(), "s.sh", "for i in 1 2 3 4; do dd if=/dev/zero of=/dev/null bs=80M count=1 & done\nwait\n");
+    let layer = dir.path().join("layer.tar");
+    let args = ["--base", base.to_str().unwrap(), "--script", s.to_str().unwrap(), "--layer-output", layer.to_str().unwrap()];
+    let run = runasroot(&[&args[..], &["--memory", "128", "--disk-size", "64", "--timeout", "10m"]].concat(), &tmp);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr.contains(
+            "runasroot: warning: the guest's OOM killer killed a process the script started (the script still exited 0); \
+             raise --memory (now 128 MiB) if that matters"
+        ),
+        "{run:?}"
+    );
+    assert!(layer.exists());
+    assert_empty_dir(&tmp);
 }
 
 #[test]

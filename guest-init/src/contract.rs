@@ -157,10 +157,23 @@ pub struct Outcome {
     pub payload_digest: Option<String>,
     /// (phase, guest uptime in seconds when it ended), in order.
     pub timings: Vec<(String, f64)>,
+    /// What the host should tell the user about a run that succeeded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<Note>,
+}
+
+/// Something worth telling the user about a run that succeeded anyway;
+/// the guest says what happened, the host what to do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Note {
+    /// The guest's OOM killer killed a process the script started (the
+    /// script still exited 0).
+    OomKilled,
 }
 
 /// Errors decoding what the other side wrote.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("no {what} header (magic missing): the guest ended before writing a result")]
     NoMagic { what: &'static str },
@@ -168,8 +181,12 @@ pub enum DecodeError {
     TooLong { what: &'static str, len: u64, max: u64 },
     #[error("{what} header is truncated")]
     Truncated { what: &'static str },
-    #[error("{what} JSON is invalid: {reason}")]
-    Json { what: &'static str, reason: String },
+    #[error("{what} JSON is invalid")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// Rounds `n` up to a multiple of [`BLOCK`].
@@ -218,10 +235,7 @@ impl Job {
     /// bytes). Returns the job and the data area's offset on the disk.
     pub fn decode(bytes: &[u8]) -> Result<(Job, u64), DecodeError> {
         let json = decode_header(bytes, JOB_MAGIC, MAX_JOB_JSON, "job")?;
-        let job = serde_json::from_slice(json).map_err(|e| DecodeError::Json {
-            what: "job",
-            reason: e.to_string(),
-        })?;
+        let job = serde_json::from_slice(json).map_err(|source| DecodeError::Json { what: "job", source })?;
         Ok((job, align_block(16 + json.len() as u64)))
     }
 
@@ -288,10 +302,7 @@ impl Outcome {
     /// bytes of it).
     pub fn decode(block: &[u8]) -> Result<Outcome, DecodeError> {
         let json = decode_header(block, RESULT_MAGIC, MAX_RESULT_JSON, "result")?;
-        serde_json::from_slice(json).map_err(|e| DecodeError::Json {
-            what: "result",
-            reason: e.to_string(),
-        })
+        serde_json::from_slice(json).map_err(|source| DecodeError::Json { what: "result", source })
     }
 }
 
@@ -326,12 +337,12 @@ mod tests {
 
     #[test]
     fn job_decode_rejects_bad_headers() {
-        assert_eq!(Job::decode(b"nope").unwrap_err(), DecodeError::NoMagic { what: "job" });
+        assert!(matches!(Job::decode(b"nope"), Err(DecodeError::NoMagic { what: "job" })));
         let mut h = job().encode_header();
         h[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(Job::decode(&h), Err(DecodeError::TooLong { .. })));
         let h = job().encode_header();
-        assert_eq!(Job::decode(&h[..40]).unwrap_err(), DecodeError::Truncated { what: "job" });
+        assert!(matches!(Job::decode(&h[..40]), Err(DecodeError::Truncated { what: "job" })));
     }
 
     #[test]
@@ -341,6 +352,7 @@ mod tests {
             payload_len: 0,
             payload_digest: None,
             timings: vec![("init".into(), 0.5)],
+            notes: vec![Note::OomKilled],
         };
         let area = o.encode();
         assert_eq!(area.len() as u64, RESULT_AREA);
@@ -355,12 +367,13 @@ mod tests {
             payload_len: 0,
             payload_digest: None,
             timings: ["init", "mount", "script", "pack", "write"].iter().map(|p| (p.to_string(), 12345.678)).collect(),
+            notes: vec![],
         };
         let area = o.encode();
         let len = Outcome::header_len(&area[..16]).unwrap();
         assert!(len > BLOCK, "the reason does not fit one block: the area is needed");
         assert_eq!(Outcome::decode(&area[..len as usize]).unwrap(), o);
-        assert_eq!(Outcome::decode(&area[..BLOCK as usize]).unwrap_err(), DecodeError::Truncated { what: "result" });
+        assert!(matches!(Outcome::decode(&area[..BLOCK as usize]), Err(DecodeError::Truncated { what: "result" })));
     }
 
     #[test]
@@ -370,6 +383,7 @@ mod tests {
             payload_len: 0,
             payload_digest: None,
             timings: (0..5000).map(|i| (format!("phase-{i:060}"), 0.5)).collect(),
+            notes: vec![],
         };
         let back = Outcome::decode(&o.encode()).unwrap();
         assert!(back.timings.is_empty());
@@ -383,6 +397,7 @@ mod tests {
             payload_len: 0,
             payload_digest: None,
             timings: vec![],
+            notes: vec![],
         };
         let back = Outcome::decode(&o.encode()).unwrap();
         match back.status {
@@ -395,11 +410,17 @@ mod tests {
     }
 
     #[test]
+    fn notes_are_optional_and_unknown_ones_refused() {
+        let area = |json: &str| encode_header(RESULT_MAGIC, json.as_bytes());
+        let plain = Outcome::decode(&area(r#"{"status":"finished","exit_code":0,"payload_len":1024,"payload_digest":null,"timings":[]}"#)).unwrap();
+        assert!(plain.notes.is_empty());
+        let bad = Outcome::decode(&area(r#"{"status":"finished","exit_code":0,"payload_len":0,"payload_digest":null,"timings":[],"notes":["x"]}"#));
+        assert!(matches!(bad, Err(DecodeError::Json { what: "result", .. })), "{bad:?}");
+    }
+
+    #[test]
     fn zeroed_output_disk_means_no_result() {
-        assert_eq!(
-            Outcome::decode(&[0u8; 4096]).unwrap_err(),
-            DecodeError::NoMagic { what: "result" }
-        );
-        assert_eq!(Outcome::header_len(&[0u8; 16]).unwrap_err(), DecodeError::NoMagic { what: "result" });
+        assert!(matches!(Outcome::decode(&[0u8; 4096]), Err(DecodeError::NoMagic { what: "result" })));
+        assert!(matches!(Outcome::header_len(&[0u8; 16]), Err(DecodeError::NoMagic { what: "result" })));
     }
 }

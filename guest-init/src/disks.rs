@@ -289,6 +289,7 @@ mod tests {
             payload_len: len,
             payload_digest: None,
             timings: vec![],
+            notes: vec![],
         };
         write_outcome(&f, &o).unwrap();
         let disk = std::fs::read(&out).unwrap();

@@ -37,7 +37,7 @@ use std::path::Path;
 
 use nix::sys::stat::Mode;
 use nix::time::{clock_gettime, ClockId};
-use runasroot_guest::contract::{FailureKind, Mode as JobMode, Outcome, Status};
+use runasroot_guest::contract::{FailureKind, Mode as JobMode, Note, Outcome, Status};
 
 use crate::console::{Console, Phase};
 use crate::fail::Failure;
@@ -68,6 +68,7 @@ impl Run {
 struct Done {
     status: Status,
     payload: Option<pack::Written>,
+    notes: Vec<Note>,
 }
 
 fn main() {
@@ -81,6 +82,7 @@ fn main() {
             payload_len: done.payload.as_ref().map_or(0, |w| w.len),
             payload_digest: done.payload.map(|w| w.digest),
             timings: Vec::new(),
+            notes: done.notes,
         },
         Ok(Err(f)) => failed(&mut run, f),
         Err(_) => failed(&mut run, fail::panic_failure()),
@@ -95,6 +97,7 @@ fn failed(run: &mut Run, f: Failure) -> Outcome {
         payload_len: 0,
         payload_digest: None,
         timings: Vec::new(),
+        notes: Vec::new(),
     }
 }
 
@@ -138,13 +141,17 @@ fn steps(run: &mut Run) -> Result<Done, Failure> {
     }
 
     let mut made: Vec<&'static str> = Vec::new();
+    let mut notes = Vec::new();
     if let Some(blob) = job.script {
         run.console.phase(Phase::Script);
         let script = disks::read_blob(&job_disk, data_offset, blob, "the script", MAX_SCRIPT)?;
         made = script::ensure_mountpoints(merged)?;
         match script::run(merged, &script, &job.env, &run.console)? {
             script::Ended::Failed(f) => return Err(f),
-            script::Ended::Code(code) => {
+            script::Ended::Code { code, oom_killed } => {
+                if oom_killed {
+                    notes.push(Note::OomKilled);
+                }
                 run.mark("script");
                 run.console.log(&format!("script exited with {code}"));
                 if code != 0 {
@@ -157,7 +164,7 @@ fn steps(run: &mut Run) -> Result<Done, Failure> {
                             ));
                         }
                     }
-                    return Ok(Done { status: Status::Finished { exit_code: code }, payload: None });
+                    return Ok(Done { status: Status::Finished { exit_code: code }, payload: None, notes });
                 }
             }
         }
@@ -180,7 +187,7 @@ fn steps(run: &mut Run) -> Result<Done, Failure> {
     };
     run.console.log(&format!("packed {} entries, {} bytes, {}", written.entries, written.len, written.digest));
     run.mark("pack");
-    Ok(Done { status: Status::Finished { exit_code: 0 }, payload: Some(written) })
+    Ok(Done { status: Status::Finished { exit_code: 0 }, payload: Some(written), notes })
 }
 
 /// Writes the result header (after the payload, already synced), syncs,

@@ -110,8 +110,9 @@ pub fn plan_exec(script: &[u8]) -> ExecPlan {
 /// How the script ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
-    /// Exit code, or 128 + signal (as a shell reports it).
-    Code(i32),
+    /// Exit code, or 128 + signal (as a shell reports it); `oom_killed`:
+    /// the OOM killer fired while it ran (the host says what to do).
+    Code { code: i32, oom_killed: bool },
     /// The script never ran, or the guest ran out of a limit.
     Failed(Failure),
 }
@@ -234,9 +235,9 @@ pub fn run(merged: &Path, script: &[u8], env: &[String], console: &Console) -> R
         return Ok(Ended::Failed(f));
     }
     if oom {
-        console.error("the guest's OOM killer killed a process the script started (raise --memory if that matters)");
+        console.log("the OOM killer killed a process the script started; the script still exited 0");
     }
-    Ok(Ended::Code(code))
+    Ok(Ended::Code { code, oom_killed: oom })
 }
 
 /// A failed script is an out-of-memory failure when the OOM killer fired

@@ -48,9 +48,16 @@ pub enum ImageError {
         source: io::Error,
     },
 
-    #[error("cannot read the tar archive {path} (is it a docker-archive or OCI archive?)")]
+    #[error(
+        "{path} is not a container image: {} is no tar archive (its first 512 bytes are no tar header); \
+         give a docker-archive, an OCI archive or an OCI layout directory, as a tar or compressed with gzip or zstd",
+        match decompressed { Some(codec) => format!("what it {codec}-decompresses to"), None => "it is not compressed and".to_string() }
+    )]
+    NotATar { path: PathBuf, decompressed: Option<&'static str> },
+
+    #[error("cannot read the tar archive {what}: it is truncated or corrupt")]
     ReadArchive {
-        path: PathBuf,
+        what: String,
         #[source]
         source: io::Error,
     },
@@ -148,7 +155,11 @@ pub enum ImageError {
     BadTag { tag: String, reason: String },
 
     #[error("invalid created time {value:?}: expected RFC 3339, e.g. 1970-01-01T00:00:01Z")]
-    BadCreated { value: String },
+    BadCreated {
+        value: String,
+        #[source]
+        source: time::error::Parse,
+    },
 
     #[error("the base image's config is not a JSON object ({source_name})")]
     ConfigNotObject { source_name: String },

@@ -269,7 +269,7 @@ fn open_store(
     let head = read_head(&blob, compress::MAGIC_LEN).map_err(open_err)?;
     let detected = compress::detect(&head);
     let codec = match detected.supported() {
-        Ok(super::Compression::None) => return Ok((Store::open_tar(path)?, None, None)),
+        Ok(super::Compression::None) => return Ok((Store::open_tar(path, path, None)?, None, None)),
         Ok(c) => c,
         Err(name) => {
             let hint = if detected == Detected::Xz { "xz -dk FILE" } else { "bzip2 -dk FILE" };
@@ -290,7 +290,7 @@ fn open_store(
     io::copy(&mut reader, &mut out).map_err(decompress_err)?;
     io::Write::flush(&mut out).map_err(decompress_err)?;
     drop(out);
-    let store = Store::open_tar(&temp_path)?.labelled(path, codec_name);
+    let store = Store::open_tar(&temp_path, path, Some(codec_name))?;
     Ok((store, Some(temp_path), Some(codec_name)))
 }
 

@@ -16,6 +16,11 @@ use super::{BlobRef, ImageError};
 /// Most members an image archive may hold: a 1000-layer legacy archive
 /// has ~4000; this only stops a hostile archive from filling memory.
 pub const MAX_MEMBERS: usize = 1_000_000;
+/// A tar header block.
+const TAR_BLOCK: usize = 512;
+/// Where a ustar header keeps its checksum.
+const TAR_CHECKSUM: std::ops::Range<usize> = 148..156;
+
 /// Links followed when resolving one member (legacy archives written by
 /// skopeo make `<id>/layer.tar` a symlink to `../<hex>.tar`: one hop).
 const MAX_LINK_HOPS: usize = 16;
@@ -58,6 +63,45 @@ pub fn clean_path(p: &str) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("/"))
 }
 
+/// Whether `head` (the first bytes of a file) can start a tar archive: a
+/// whole header block whose checksum holds (unsigned, or signed as some
+/// old writers summed it), or the zero block of an empty archive. Random
+/// bytes fail this, so they get a plain message instead of the tar
+/// reader's, which quotes the bad header's bytes.
+fn starts_like_tar(head: &[u8]) -> bool {
+    if head.len() < TAR_BLOCK {
+        return false;
+    }
+    let head = &head[..TAR_BLOCK];
+    if head.iter().all(|&b| b == 0) {
+        return true;
+    }
+    let field = &head[TAR_CHECKSUM];
+    let digits: Vec<u8> = field.iter().copied().skip_while(|&b| b == b' ').take_while(|b| (b'0'..=b'7').contains(b)).collect();
+    let Some(stored) = (!digits.is_empty()).then(|| digits.iter().fold(0i64, |v, d| v * 8 + i64::from(d - b'0'))) else {
+        return false;
+    };
+    let blanked = |i: usize, b: u8| if TAR_CHECKSUM.contains(&i) { b' ' } else { b };
+    let unsigned: i64 = head.iter().enumerate().map(|(i, &b)| i64::from(blanked(i, b))).sum();
+    let signed: i64 = head.iter().enumerate().map(|(i, &b)| i64::from(blanked(i, b) as i8)).sum();
+    stored == unsigned || stored == signed
+}
+
+/// Reads up to `buf.len()` bytes from the start of `file`; fewer only at
+/// its end.
+fn read_up_to(file: &File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 /// Joins a symlink target onto the link's directory, resolving `..`
 /// lexically; `None` if it is absolute or climbs above the root.
 fn resolve_link(link: &str, target: &str) -> Option<String> {
@@ -80,10 +124,20 @@ fn resolve_link(link: &str, target: &str) -> Option<String> {
 
 impl Store {
     /// Indexes the members of a tar archive (headers only: data is skipped
-    /// by seeking).
-    pub fn open_tar(path: &Path) -> Result<Store, ImageError> {
-        let err = |source| ImageError::ReadArchive { path: path.to_path_buf(), source };
+    /// by seeking). `original` is the user's file, `decompressed` the codec
+    /// when `path` is its decompressed copy: messages name what the user gave.
+    pub fn open_tar(path: &Path, original: &Path, decompressed: Option<&'static str>) -> Result<Store, ImageError> {
+        let label = match decompressed {
+            Some(codec) => format!("{} (decompressed {codec})", original.display()),
+            None => original.display().to_string(),
+        };
+        let err = |source| ImageError::ReadArchive { what: label.clone(), source };
         let file = File::open(path).map_err(|source| ImageError::Open { path: path.to_path_buf(), source })?;
+        let mut first = [0u8; TAR_BLOCK];
+        let got = read_up_to(&file, &mut first).map_err(err)?;
+        if !starts_like_tar(&first[..got]) {
+            return Err(ImageError::NotATar { path: original.to_path_buf(), decompressed });
+        }
         let mut archive = tar::Archive::new(file);
         let mut members = HashMap::new();
         for entry in archive.entries_with_seek().map_err(err)? {
@@ -115,18 +169,7 @@ impl Store {
             // when the archive is extracted.
             members.insert(name, member);
         }
-        Ok(Store::Tar { path: path.to_path_buf(), label: path.display().to_string(), members })
-    }
-
-    /// Names the store after `original` in messages: a decompressed copy
-    /// is read, but the user knows the file they gave.
-    pub fn labelled(self, original: &Path, codec: &str) -> Store {
-        match self {
-            Store::Tar { path, members, .. } => {
-                Store::Tar { path, label: format!("{} (decompressed {codec})", original.display()), members }
-            }
-            dir => dir,
-        }
+        Ok(Store::Tar { path: path.to_path_buf(), label, members })
     }
 
     pub fn open_dir(root: &Path) -> Store {
@@ -196,13 +239,19 @@ impl Store {
                 Err(unsafe_path(name))
             }
             Store::Dir { root } => {
+                // Not there (or a path through a file) is "missing"; any
+                // other failure (permissions, a link loop) keeps its cause.
+                let io_err = |member: &str, source: io::Error| match source.raw_os_error() {
+                    Some(libc::ENOENT) | Some(libc::ENOTDIR) => missing(member),
+                    _ => ImageError::ReadMember { source_name: self.name(), member: member.to_string(), source },
+                };
                 let joined = root.join(&current);
-                let meta = fs::symlink_metadata(&joined).map_err(|_| missing(&current))?;
+                let meta = fs::symlink_metadata(&joined).map_err(|e| io_err(&current, e))?;
                 let real = if meta.file_type().is_symlink() || current.contains('/') {
                     // Resolve links (in the file or a parent) and make sure
                     // the result is still inside the layout.
-                    let real = fs::canonicalize(&joined).map_err(|_| missing(&current))?;
-                    let root_real = fs::canonicalize(root).map_err(|_| missing(&current))?;
+                    let real = fs::canonicalize(&joined).map_err(|e| io_err(&current, e))?;
+                    let root_real = fs::canonicalize(root).map_err(|e| io_err(".", e))?;
                     if !real.starts_with(&root_real) {
                         return Err(unsafe_path(name));
                     }
@@ -210,7 +259,7 @@ impl Store {
                 } else {
                     joined
                 };
-                let meta = fs::metadata(&real).map_err(|_| missing(&current))?;
+                let meta = fs::metadata(&real).map_err(|e| io_err(&current, e))?;
                 if !meta.is_file() {
                     return Err(missing(&current));
                 }
@@ -337,7 +386,7 @@ mod tests {
             add(b, "loop", tar::EntryType::Symlink, b"", Some("loop"));
             add(b, "manifest.json", tar::EntryType::Regular, b"[1,2]", None);
         });
-        let store = Store::open_tar(f.path()).unwrap();
+        let store = Store::open_tar(f.path(), Path::new("img.tar"), None).unwrap();
         let direct = store.locate("abc.tar", "test").unwrap();
         assert_eq!((direct.offset, direct.length), (512, 5));
         assert_eq!(store.locate("id/layer.tar", "test").unwrap(), direct);
@@ -371,5 +420,49 @@ mod tests {
         assert_eq!(store.locate("blobs/sha256/cc", "t").unwrap().length, 4);
         assert!(store.locate("blobs/sha256/bb", "t").unwrap_err().to_string().contains("leaves the image"));
         assert!(store.locate("blobs/sha256", "t").unwrap_err().to_string().contains("missing"));
+        assert!(store.locate("blobs/sha256/zz", "t").unwrap_err().to_string().contains("missing"));
+        // A link loop is no "missing" file: the error says what happened.
+        std::os::unix::fs::symlink("dd", root.path().join("blobs/sha256/ee")).unwrap();
+        std::os::unix::fs::symlink("ee", root.path().join("blobs/sha256/dd")).unwrap();
+        let err = store.locate("blobs/sha256/ee", "t").unwrap_err();
+        assert!(matches!(err, ImageError::ReadMember { .. }), "{err}");
+        let cause = std::error::Error::source(&err).unwrap();
+        assert_eq!(cause.downcast_ref::<io::Error>().unwrap().raw_os_error(), Some(libc::ELOOP));
+    }
+
+    #[test]
+    fn a_file_that_is_no_tar_is_named_plainly() {
+        let dir = tempfile::tempdir().unwrap();
+        let random: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let table: Vec<(&str, Vec<u8>, bool)> = vec![
+            ("random", random, false),
+            ("short", b"hello".to_vec(), false),
+            ("empty", vec![], false),
+            ("empty tar", vec![0; 1024], true),
+        ];
+        for (name, bytes, is_tar) in table {
+            let p = dir.path().join(name);
+            fs::write(&p, &bytes).unwrap();
+            match Store::open_tar(&p, Path::new(name), None) {
+                Ok(_) => assert!(is_tar, "{name} read as a tar"),
+                Err(e) => {
+                    assert!(!is_tar, "{name}: {e}");
+                    assert!(matches!(&e, ImageError::NotATar { path, decompressed: None } if path == Path::new(name)), "{name}: {e}");
+                }
+            }
+        }
+        // A real header passes the check, GNU or ustar.
+        let f = archive(|b| add(b, "a", tar::EntryType::Regular, b"x", None));
+        let mut head = vec![0u8; 512];
+        File::open(f.path()).unwrap().read_exact(&mut head).unwrap();
+        assert!(starts_like_tar(&head));
+        head[0] ^= 1;
+        assert!(!starts_like_tar(&head));
+        let e = Store::open_tar(&dir.path().join("random"), Path::new("img.tar.gz"), Some("gzip")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "img.tar.gz is not a container image: what it gzip-decompresses to is no tar archive (its first 512 bytes are no tar header); \
+             give a docker-archive, an OCI archive or an OCI layout directory, as a tar or compressed with gzip or zstd"
+        );
     }
 }

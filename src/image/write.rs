@@ -211,7 +211,7 @@ fn parse_tag(tag: &str) -> Result<String, ImageError> {
 /// Seconds since the epoch of an RFC 3339 time (the archive's mtimes).
 fn created_seconds(created: &str) -> Result<u64, ImageError> {
     let t = time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
-        .map_err(|_| ImageError::BadCreated { value: created.to_string() })?;
+        .map_err(|source| ImageError::BadCreated { value: created.to_string(), source })?;
     Ok(t.unix_timestamp().max(0) as u64)
 }
 

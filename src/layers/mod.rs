@@ -81,8 +81,13 @@ pub enum LayerError {
     },
     #[error("{layer}: entry {entry:?}: {what} entries are not supported in an image layer")]
     UnsupportedEntry { layer: String, entry: String, what: String },
-    #[error("{layer}: entry {entry:?}: invalid whiteout name (a bare \".wh.\")")]
-    InvalidWhiteout { layer: String, entry: String },
+    #[error("{layer}: entry {entry:?}: invalid whiteout name")]
+    InvalidWhiteout {
+        layer: String,
+        entry: String,
+        #[source]
+        source: runasroot_guest::whiteout::WhiteoutError,
+    },
     #[error(
         "{layer}: entry {entry}: its parent {parent} is not a directory in this layer \
          (refusing to write through a symlink or a file)"

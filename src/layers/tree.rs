@@ -189,7 +189,7 @@ impl LayerTree {
             }
         }
         let name = whiteout::classify(last)
-            .map_err(|_| LayerError::InvalidWhiteout { layer: layer.into(), entry: entry_err() })?;
+            .map_err(|source| LayerError::InvalidWhiteout { layer: layer.into(), entry: entry_err(), source })?;
         // A link names what its layer holds *before* this entry applies
         // (the entry may create its parents, never its target).
         let action = match (name, kind) {
@@ -658,9 +658,10 @@ mod tests {
     fn export(layers: Vec<Vec<(&str, Ent)>>) -> Result<Vec<String>, String> {
         let mut m = Merged::new();
         for (i, l) in layers.iter().enumerate() {
-            let t = layer(l).map_err(|e| e.to_string())?;
+            // The whole chain, so the tables can check causes are kept.
+            let t = layer(l).map_err(|e| crate::report::one_line(&e))?;
             let t = relabel(t, i as u32);
-            m.apply(t, "layer").map_err(|e| e.to_string())?;
+            m.apply(t, "layer").map_err(|e| crate::report::one_line(&e))?;
         }
         let mut out = vec![];
         m.walk::<()>(None, &mut |e, data| {
@@ -837,7 +838,11 @@ mod tests {
                 vec![vec![("a", L("/")), ("a/etc/x", F)]],
                 Err("entry a/etc/x: its parent a is not a directory"),
             ),
-            ("bare .wh.", vec![vec![("d/.wh.", M)]], Err("invalid whiteout")),
+            (
+                "bare .wh.",
+                vec![vec![("d/.wh.", M)]],
+                Err("layer: entry \"d/.wh.\": invalid whiteout name: invalid whiteout name \".wh.\" (a bare \".wh.\""),
+            ),
             ("whiteout name as a directory", vec![vec![(".wh.d/x", F)]], Err("a whiteout name cannot be a directory")),
             (
                 "the root entry is skipped, root opaque hides everything below",

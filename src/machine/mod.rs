@@ -119,12 +119,13 @@ pub enum MachineError {
         path_var: Option<String>,
         tried: Vec<PathBuf>,
     },
-    #[error("QEMU exited with {status} before the guest reset:\n{stderr}")]
-    QemuFailed { status: std::process::ExitStatus, stderr: String },
+    /// `stderr`: QEMU's own lines, shown below the error by the renderer.
+    #[error("QEMU exited with {status} before the guest reset")]
+    QemuFailed { status: std::process::ExitStatus, stderr: Vec<String> },
     #[error("reading the guest console failed")]
     Console(#[source] std::io::Error),
-    #[error("the built-in VMM cannot run here: {reason}")]
-    KvmUnavailable { reason: String },
+    #[error("the built-in VMM cannot run here (--vmm builtin); use --vmm qemu, or --vmm auto to fall back to QEMU")]
+    KvmUnavailable(#[source] kvm::Unsupported),
     #[error("the built-in VMM failed: {0}")]
     Kvm(#[from] kvm::Error),
     #[error("cannot serve disk {serial} to QEMU over NBD at {socket}")]

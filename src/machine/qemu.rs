@@ -335,7 +335,7 @@ fn run_child(mut guard: KillOnDrop<'_>, spec: &GuestSpec, console: &mut dyn FnMu
     if status.success() {
         Ok(GuestExit::Reset)
     } else {
-        Err(MachineError::QemuFailed { status, stderr: stderr.trim().to_string() })
+        Err(MachineError::QemuFailed { status, stderr: stderr.trim().lines().map(str::to_string).collect() })
     }
 }
 

@@ -12,13 +12,14 @@ use super::kvm::{self, KvmMachine};
 use super::qemu::{Accel, QemuMachine};
 use super::{Machine, MachineError};
 use crate::cli::Vmm;
+use crate::report;
 
 /// Picks and constructs the launcher. `notice` receives the one-line
 /// explanation when the default falls back to QEMU. `qemu` is `--qemu`.
 pub fn select(choice: Vmm, qemu: Option<&OsStr>, notice: &mut dyn FnMut(&str)) -> Result<Box<dyn Machine>, MachineError> {
     match choice {
         Vmm::Builtin => {
-            kvm::hardware_support().map_err(|reason| MachineError::KvmUnavailable { reason })?;
+            kvm::hardware_support().map_err(MachineError::KvmUnavailable)?;
             Ok(Box::new(KvmMachine::new()?))
         }
         Vmm::Qemu => Ok(Box::new(QemuMachine::find(qemu_accel(), qemu)?)),
@@ -26,13 +27,15 @@ pub fn select(choice: Vmm, qemu: Option<&OsStr>, notice: &mut dyn FnMut(&str)) -
             Ok(()) => match KvmMachine::new() {
                 Ok(m) => Ok(Box::new(m)),
                 Err(e) => {
-                    notice(&format!("runasroot: the built-in VMM cannot start ({e}); using QEMU instead"));
+                    notice(&format!("runasroot: the built-in VMM cannot start ({}); using QEMU instead", report::one_line(&e)));
                     Ok(Box::new(QemuMachine::find(qemu_accel(), qemu)?))
                 }
             },
             Err(reason) => {
-                let why = reason.strip_suffix("; use --vmm qemu").unwrap_or(&reason);
-                notice(&format!("runasroot: {why}; using QEMU with software emulation (TCG), which is slower"));
+                notice(&format!(
+                    "runasroot: {}; using QEMU with software emulation (TCG), which is slower",
+                    report::one_line(&reason)
+                ));
                 Ok(Box::new(QemuMachine::find(Accel::Tcg, qemu)?))
             }
         },

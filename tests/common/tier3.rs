@@ -149,7 +149,7 @@ pub fn place() -> Result<Place, String> {
     match runasroot::machine::kvm::hardware_support() {
         Ok(()) => Ok(Place::Host),
         Err(why) => match l1::unavailable() {
-            None => Ok(Place::NestedL1(why)),
+            None => Ok(Place::NestedL1(why.to_string())),
             Some(l1_why) => Err(format!("the built-in VMM cannot boot Linux here ({why}) and the nested L1 cannot run: {l1_why}")),
         },
     }

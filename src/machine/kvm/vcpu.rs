@@ -307,7 +307,27 @@ pub enum Decision {
     /// The guest reset or shut down: the VM is over, normally.
     Reset,
     /// The VM cannot go on.
-    Fail(String),
+    Fail(Stop),
+}
+
+/// Why a vCPU stopped the VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Stop {
+    #[error("the guest crashed (KVM_SYSTEM_EVENT_CRASH)")]
+    Crashed,
+    #[error("unexpected KVM system event {0}")]
+    SystemEvent(u32),
+    #[error("the vCPU halted with no interrupt to wake it")]
+    Halted,
+    #[error("KVM could not enter the guest (hardware entry failure {reason:#x} on CPU {cpu})")]
+    FailEntry { reason: u64, cpu: u32 },
+    #[error("KVM internal error (KVM_EXIT_INTERNAL_ERROR)")]
+    Internal,
+    /// The exit as KVM named it.
+    #[error("unexpected VM exit {0}")]
+    UnexpectedExit(String),
+    #[error("KVM_RUN failed")]
+    Run(#[source] kvm_ioctls::Error),
 }
 
 /// What a VM exit means, doing its I/O through `io`.
@@ -337,17 +357,15 @@ pub fn handle_exit(exit: VcpuExit<'_>, io: &impl ExitIo) -> Decision {
         VcpuExit::Shutdown => Decision::Reset,
         VcpuExit::SystemEvent(kind, _) => match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => Decision::Reset,
-            KVM_SYSTEM_EVENT_CRASH => Decision::Fail("the guest crashed (KVM_SYSTEM_EVENT_CRASH)".into()),
-            other => Decision::Fail(format!("unexpected KVM system event {other}")),
+            KVM_SYSTEM_EVENT_CRASH => Decision::Fail(Stop::Crashed),
+            other => Decision::Fail(Stop::SystemEvent(other)),
         },
         // With KVM's in-kernel LAPIC a HLT never comes to us; one that does
         // would never be woken.
-        VcpuExit::Hlt => Decision::Fail("the vCPU halted with no interrupt to wake it".into()),
-        VcpuExit::FailEntry(reason, cpu) => {
-            Decision::Fail(format!("KVM could not enter the guest (hardware entry failure {reason:#x} on CPU {cpu})"))
-        }
-        VcpuExit::InternalError => Decision::Fail("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
-        other => Decision::Fail(format!("unexpected VM exit {other:?}")),
+        VcpuExit::Hlt => Decision::Fail(Stop::Halted),
+        VcpuExit::FailEntry(reason, cpu) => Decision::Fail(Stop::FailEntry { reason, cpu }),
+        VcpuExit::InternalError => Decision::Fail(Stop::Internal),
+        other => Decision::Fail(Stop::UnexpectedExit(format!("{other:?}"))),
     }
 }
 
@@ -355,7 +373,7 @@ pub fn handle_exit(exit: VcpuExit<'_>, io: &impl ExitIo) -> Decision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
     Reset,
-    Failed { cpu: u8, reason: String },
+    Failed { cpu: u8, reason: Stop },
 }
 
 /// What the run loop and the vCPU threads share.
@@ -422,7 +440,7 @@ pub fn run(mut vcpu: VcpuFd, cpu: u8, io: &Buses, control: &RunControl, trace: O
             Ok(exit) => handle_exit(exit, io),
             // EINTR: kicked by our signal; EAGAIN: KVM asks to retry.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Decision::Resume,
-            Err(e) => Decision::Fail(format!("KVM_RUN failed: {e}")),
+            Err(e) => Decision::Fail(Stop::Run(e)),
         };
         match decision {
             Decision::Resume => {}
@@ -478,20 +496,21 @@ mod tests {
             (VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]), Decision::Reset),
             (
                 VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[]),
-                Decision::Fail("the guest crashed (KVM_SYSTEM_EVENT_CRASH)".into()),
+                Decision::Fail(Stop::Crashed),
             ),
-            (VcpuExit::Hlt, Decision::Fail("the vCPU halted with no interrupt to wake it".into())),
-            (
-                VcpuExit::FailEntry(0x80000021, 1),
-                Decision::Fail("KVM could not enter the guest (hardware entry failure 0x80000021 on CPU 1)".into()),
-            ),
-            (VcpuExit::InternalError, Decision::Fail("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())),
-            (VcpuExit::Exception, Decision::Fail("unexpected VM exit Exception".into())),
+            (VcpuExit::Hlt, Decision::Fail(Stop::Halted)),
+            (VcpuExit::FailEntry(0x80000021, 1), Decision::Fail(Stop::FailEntry { reason: 0x80000021, cpu: 1 })),
+            (VcpuExit::InternalError, Decision::Fail(Stop::Internal)),
+            (VcpuExit::Exception, Decision::Fail(Stop::UnexpectedExit("Exception".into()))),
         ];
         for (exit, want) in cases {
             let what = format!("{exit:?}");
             assert_eq!(handle_exit(exit, &io), want, "{what}");
         }
+        assert_eq!(
+            Stop::FailEntry { reason: 0x80000021, cpu: 1 }.to_string(),
+            "KVM could not enter the guest (hardware entry failure 0x80000021 on CPU 1)"
+        );
         assert_eq!(in_data, [0x42]);
         assert_eq!(mmio_data, [0x24; 4]);
         assert_eq!(
@@ -657,7 +676,7 @@ mod tests {
         assert!(!c.stopping.load(Ordering::Acquire));
         c.reset();
         assert!(c.stopping.load(Ordering::Acquire), "no vCPU re-enters the guest after a reset");
-        c.finish(End::Failed { cpu: 1, reason: "late".into() });
+        c.finish(End::Failed { cpu: 1, reason: Stop::Halted });
         assert_eq!(c.end(), Some(End::Reset));
         assert_eq!(c.ended_fd().read().unwrap(), 1);
     }
