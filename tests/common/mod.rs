@@ -154,8 +154,15 @@ pub fn busybox_base() -> PathBuf {
             .status()
             .expect("run make-busybox-base.sh");
         assert!(status.success(), "make-busybox-base.sh failed (is busybox-static installed?)");
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
-        fs::rename(&tmp, &out).unwrap();
+        // Never replace a file another test process may be reading (a run
+        // fails when its base changes under it): the script is
+        // reproducible, so an existing file with these bytes is this one.
+        if fs::read(&out).ok() == fs::read(&tmp).ok() {
+            fs::remove_file(&tmp).unwrap();
+        } else {
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+            fs::rename(&tmp, &out).unwrap();
+        }
         out
     })
     .clone()
