@@ -119,7 +119,7 @@ pub enum MachineError {
         path_var: Option<String>,
         tried: Vec<PathBuf>,
     },
-    #[error("QEMU exited with {status} before the guest reset:\n{stderr}")]
+    #[error("{}", qemu_failed(status, stderr))]
     QemuFailed { status: std::process::ExitStatus, stderr: String },
     #[error("reading the guest console failed")]
     Console(#[source] std::io::Error),
@@ -134,6 +134,24 @@ pub enum MachineError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What [`MachineError::QemuFailed`] says: a signal is named as such (a
+/// `kill -9` or the OOM killer from outside), an exit status with QEMU's
+/// own words.
+fn qemu_failed(status: &std::process::ExitStatus, stderr: &str) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(sig) => {
+            let name = nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("an unknown signal");
+            let said = if stderr.is_empty() { String::new() } else { format!("; QEMU said:\n{stderr}") };
+            format!(
+                "QEMU was killed by signal {sig} ({name}) before the guest finished: something outside runasroot \
+                 killed it (a kill command, the OOM killer){said}"
+            )
+        }
+        None => format!("QEMU exited with {status} before the guest reset:\n{stderr}"),
+    }
 }
 
 /// What [`MachineError::QemuNotFound`] says: what was asked for, every
