@@ -169,7 +169,12 @@ impl Cache {
         if let Some(entry) = self.get(key)? {
             return Ok(Made::Existing(entry));
         }
-        let temp = tempfile::Builder::new().prefix(TEMP_PREFIX).suffix(ENTRY_SUFFIX).tempfile_in(&self.dir)?;
+        // Registered: a run stopped by the signal backstop leaves no
+        // half-written entry in the cache.
+        let temp = crate::interrupt::create_temp(
+            || tempfile::Builder::new().prefix(TEMP_PREFIX).suffix(ENTRY_SUFFIX).tempfile_in(&self.dir),
+            |t| t.path(),
+        )?;
         Ok(Made::New(Pending { temp, final_path: self.entry_path(key), lock_path: self.lock_path(key), _lock: lock }))
     }
 
@@ -263,7 +268,10 @@ impl Pending {
     pub fn commit(self, cache: &Cache) -> io::Result<Entry> {
         let (file, temp_path) = self.temp.into_parts();
         let file = Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| io::Error::from(e))?;
-        temp_path.persist(&self.final_path).map_err(|e| e.error)?;
+        let registered = temp_path.to_path_buf();
+        let persisted = temp_path.persist(&self.final_path).map_err(|e| e.error);
+        crate::interrupt::unregister_temp(&registered);
+        persisted?;
         let _ = File::options().write(true).open(&self.lock_path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
         cache.evict(&self.final_path);
         Ok(Entry { path: self.final_path, file })

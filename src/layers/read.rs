@@ -653,6 +653,9 @@ struct Tee<'w, R> {
 
 impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Indexing and spooling a large layer is the longest host phase
+        // of the lower: stop here when the run is (SIGINT, --timeout).
+        crate::interrupt::check()?;
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         self.len += n as u64;
