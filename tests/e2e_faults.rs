@@ -142,7 +142,11 @@ struct Running {
 
 impl Running {
     fn start(args: &[&str], case: &Case) -> Running {
-        let mut child = runasroot_cmd(args, &case.tmp).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        Running::spawn(runasroot_cmd(args, &case.tmp))
+    }
+
+    fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let mut pipe = child.stderr.take().unwrap();
         let stderr = Arc::new((Mutex::new(String::new()), Condvar::new()));
         let shared = stderr.clone();
@@ -293,6 +297,51 @@ fn timeout_while_preparing_the_lower_and_while_the_script_runs() {
         assert!(took < Duration::from_secs(limit_s) + STOP_WITHIN, "stopped in {took:?}");
         case.assert_clean(&["s.sh", "tmp"], &run);
     }
+}
+
+/// SIGINT while a cached layer is checked (its entry read, parsed and
+/// hashed as the lower is prepared): the run stops, and the entry, which
+/// is sound, stays in the cache (it was taken for a damaged one and
+/// removed).
+#[test]
+fn a_signal_while_reading_the_cache_keeps_its_entries() {
+    let Some(base) = slow_to_prepare() else { return };
+    let case = Case::new();
+    let cache = subdir(case.dir.path(), "cache");
+    let s = case.script("true\n");
+    let out = case.path("out.tar");
+    let args = ["-v", "--base", base.to_str().unwrap(), "--script", s.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    let with_cache = || {
+        let mut cmd = runasroot_cmd(&args, &case.tmp);
+        cmd.env("RUNASROOT_CACHE", &cache);
+        cmd
+    };
+    let first = Running::spawn(with_cache()).finish(Duration::from_secs(300));
+    assert_eq!(first.code, 0, "{first:?}");
+    fs::remove_file(&out).unwrap();
+    let entries = || -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(cache.join("spool"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tar") && !n.starts_with('.'))
+            .collect();
+        v.sort();
+        v
+    };
+    let cached = entries();
+    assert_eq!(cached.len(), 1, "the gzipped layer was decompressed into the cache: {cached:?}");
+
+    let mut second = Running::spawn(with_cache());
+    second.wait_for("] indexing the base", Duration::from_secs(120));
+    second.signal(libc::SIGINT);
+    let run = second.finish(STOP_WITHIN);
+    assert_eq!(run.code, 130, "{run:?}");
+    assert!(run.stderr.contains("interrupted by SIGINT while indexing the base"), "{run:?}");
+    assert!(!run.stderr.contains("corrupted entries made anew"), "{run:?}");
+    assert_eq!(entries(), cached, "the cache entry is kept");
+    let spool: Vec<_> = fs::read_dir(cache.join("spool")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(spool.iter().all(|n| !n.to_string_lossy().starts_with(".new-")), "no half-written entry: {spool:?}");
+    case.assert_clean(&["cache", "s.sh", "tmp"], &run);
 }
 
 /// QEMU killed from outside while the script runs: a clear error naming

@@ -277,8 +277,12 @@ fn read_cached(
             Ok(Ok(ReadLayer { tree, source, spooled_bytes: 0 }))
         }
         // A tar that does not parse or hash right: the entry is damaged
-        // (the compressed blob it came from was verified when it was made).
-        Err(LayerError::DiffIdMismatch { .. } | LayerError::ReadLayer { .. }) => Ok(Err(entry)),
+        // (the compressed blob it came from was verified when it was made)
+        // — unless the read stopped because the run did (SIGINT,
+        // --timeout): then the entry is fine and stays.
+        Err(LayerError::DiffIdMismatch { .. } | LayerError::ReadLayer { .. }) if crate::interrupt::cancelled().is_none() => {
+            Ok(Err(entry))
+        }
         Err(e) => Err(e),
     }
 }
