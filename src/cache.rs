@@ -165,7 +165,7 @@ impl Cache {
     /// the same entry: then `Made::Existing` is what that run made.
     pub fn make(&self, key: &Digest) -> io::Result<Made> {
         let lock = File::options().create(true).truncate(false).write(true).open(self.lock_path(key))?;
-        let lock = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
+        let lock = lock_exclusive_unless_stopped(lock)?;
         if let Some(entry) = self.get(key)? {
             return Ok(Made::Existing(entry));
         }
@@ -243,6 +243,24 @@ pub enum Made {
     Existing(Entry),
     /// Ours to write: fill [`Pending::file`], then [`Pending::commit`].
     New(Pending),
+}
+
+/// Waits for the exclusive lock on `file` as long as another run holds it
+/// (it is making the same entry, which may take minutes), but fails as
+/// soon as this run is stopped (SIGINT, SIGTERM, --timeout): a blocking
+/// flock would sit out the stop.
+fn lock_exclusive_unless_stopped(mut file: File) -> io::Result<Flock<File>> {
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                crate::interrupt::check()?;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                file = f;
+            }
+            Err((_, e)) => return Err(e.into()),
+        }
+    }
 }
 
 /// An entry being written; removed if dropped before [`Pending::commit`].

@@ -95,6 +95,20 @@ static COMMITTING: AtomicBool = AtomicBool::new(false);
 /// The `stop` flag handed to launchers, once [`install`] made it.
 static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 static TEMP_PATHS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// What the run is doing ("indexing the base"), for the messages.
+static PHASE: Mutex<String> = Mutex::new(String::new());
+
+/// Records the phase the run entered.
+pub fn set_phase(what: &str) {
+    let mut phase = PHASE.lock().unwrap_or_else(|p| p.into_inner());
+    phase.clear();
+    phase.push_str(what);
+}
+
+/// The phase the run is in, as "while …" continues it ("" before any).
+pub fn phase() -> String {
+    PHASE.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
 
 /// The cause the run was stopped for, if it was.
 pub fn cancelled() -> Option<Cause> {
@@ -171,10 +185,16 @@ pub fn unregister_temp(path: &Path) {
 /// committed) meanwhile.
 fn remove_registered_and_exit(cause: Cause, why: &str) -> ! {
     let paths = TEMP_PATHS.lock().unwrap_or_else(|p| p.into_inner());
+    let what = match cause {
+        Cause::Timeout => "--timeout expired".to_string(),
+        signal => format!("interrupted by {}", signal.name()),
+    };
+    let phase = phase();
+    let during = if phase.is_empty() { String::new() } else { format!(" while {phase}") };
     if COMMITTING.load(Ordering::SeqCst) {
-        eprintln!("runasroot: {} {why}, while moving the outputs into place; exiting", cause.name());
+        eprintln!("runasroot: {what}{during} ({why}), as the outputs were being moved into place; exiting");
     } else {
-        eprintln!("runasroot: {} {why}: removing the temporary files and exiting; nothing was written", cause.name());
+        eprintln!("error: {what}{during} ({why}): removed the temporary files and exited; nothing was written");
     }
     for path in paths.iter() {
         // The main thread may still be creating files inside a directory
@@ -205,7 +225,7 @@ pub fn install() -> io::Result<Arc<AtomicBool>> {
                         cancel(cause);
                         first = Some((cancelled().unwrap_or(cause), Instant::now()));
                     }
-                    Some((cause, _)) => remove_registered_and_exit(cause, "again"),
+                    Some((cause, _)) => remove_registered_and_exit(cause, "then a second signal"),
                 }
             }
             if first.is_none() {
@@ -216,7 +236,7 @@ pub fn install() -> io::Result<Arc<AtomicBool>> {
             }
             if let Some((cause, at)) = first {
                 if at.elapsed() >= GRACE {
-                    remove_registered_and_exit(cause, &format!("and the run still busy after {}s", GRACE.as_secs()));
+                    remove_registered_and_exit(cause, &format!("the step did not stop within {}s", GRACE.as_secs()));
                 }
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{self, IsTerminal, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runasroot_guest::contract::{self, FailureKind, Job, Mode, Status};
@@ -166,8 +166,6 @@ pub struct Ui {
     quiet: bool,
     progress: Option<indicatif::ProgressBar>,
     started: Instant,
-    /// What the run is doing, for the message when it is stopped.
-    current: Mutex<String>,
 }
 
 impl Ui {
@@ -178,17 +176,12 @@ impl Ui {
             pb.enable_steady_tick(Duration::from_millis(120));
             pb
         });
-        Ui { verbose: args.verbose, quiet: args.quiet, progress, started: Instant::now(), current: Mutex::new(String::new()) }
+        Ui { verbose: args.verbose, quiet: args.quiet, progress, started: Instant::now() }
     }
 
-    /// The phase under way, as "while …" continues it.
-    pub fn current_phase(&self) -> String {
-        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// A phase began.
+    /// A phase began (also recorded for the message if the run is stopped).
     pub fn phase(&self, what: &str) {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = what.to_string();
+        crate::interrupt::set_phase(what);
         if let Some(pb) = &self.progress {
             pb.set_message(what.to_string());
         } else if self.verbose {
@@ -845,14 +838,14 @@ fn start_deadline(vm: &VmArgs) -> Result<Option<Instant>, RunError> {
 
 /// A failure while the run was being stopped is the stop: says why, in
 /// which phase, with the stop's exit status.
-fn explain_stop(r: Result<Ended, RunError>, ui: &Ui, timeout: Option<&str>) -> Result<Ended, RunError> {
+fn explain_stop(r: Result<Ended, RunError>, timeout: Option<&str>) -> Result<Ended, RunError> {
     let cause = match (&r, crate::interrupt::cancelled()) {
         (Err(RunError::Stopped { cause, .. }), _) => *cause,
         (Err(_), Some(cause)) => cause,
         _ => return r,
     };
     let limit = (cause == Cause::Timeout).then(|| timeout.unwrap_or_default().to_string());
-    Err(RunError::Stopped { cause, phase: ui.current_phase(), limit })
+    Err(RunError::Stopped { cause, phase: crate::interrupt::phase(), limit })
 }
 
 /// Entry point after argument parsing.
@@ -860,13 +853,13 @@ pub fn main(cli: cli::Cli, stop: Arc<AtomicBool>) -> Result<Ended, (RunError, Ui
     match cli.command {
         Some(cli::Command::Export(args)) => {
             let ui = Ui::new(args.ui);
-            let r = explain_stop(run_export(&args, &ui, &stop), &ui, args.vm.timeout.as_deref());
+            let r = explain_stop(run_export(&args, &ui, &stop), args.vm.timeout.as_deref());
             ui.finish();
             r.map_err(|e| (e, args.ui))
         }
         None => {
             let ui = Ui::new(cli.run.ui);
-            let r = explain_stop(run_layer(&cli.run, &ui, &stop), &ui, cli.run.vm.timeout.as_deref());
+            let r = explain_stop(run_layer(&cli.run, &ui, &stop), cli.run.vm.timeout.as_deref());
             ui.finish();
             r.map_err(|e| (e, cli.run.ui))
         }
@@ -903,7 +896,7 @@ mod tests {
 
     #[test]
     fn console_routes_tagged_lines() {
-        let ui = Ui { verbose: false, quiet: true, progress: None, started: Instant::now(), current: Mutex::new(String::new()) };
+        let ui = Ui { verbose: false, quiet: true, progress: None, started: Instant::now() };
         let mut c = Console::new(&ui);
         c.feed(b"[ 0.1] boot\r\n@rar phase mount\n@rar out hello\nKernel panic - not syncing: x\npartial");
         assert_eq!(c.tail.iter().cloned().collect::<Vec<_>>(), vec!["[ 0.1] boot", "@rar phase mount", "@rar out hello", "Kernel panic - not syncing: x"]);

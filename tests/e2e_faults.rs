@@ -275,19 +275,35 @@ fn signals_while_assembling_the_image() {
 }
 
 /// --timeout counts from the start: it stops the preparation of the
-/// lower (decompressing a 768 MiB layer) and the script alike.
+/// lower and the script alike. The lower is held up deterministically:
+/// "another run" (this test) holds the cache lock of its gzipped layer,
+/// as a run decompressing the same layer does, for as long as it takes.
 #[test]
 fn timeout_while_preparing_the_lower_and_while_the_script_runs() {
     let Some(slow) = slow_to_prepare() else { return };
     let busybox = busybox_base();
     let cases: [(&Path, &str, &str, &str); 2] =
-        [(&slow, "true\n", "2s", "indexing the base"), (&busybox, "sleep 600\n", "25s", "running the script")];
+        [(&slow, "true\n", "3s", "indexing the base"), (&busybox, "sleep 600\n", "25s", "running the script")];
     for (base, body, limit, phase) in cases {
         let case = Case::new();
         let s = case.script(body);
         let out = case.path("out.tar");
+        let cache = subdir(case.dir.path(), "cache");
+        let spool = subdir(&cache, "spool");
+        let gzipped = tar_members(base).into_iter().find(|(_, b)| b.starts_with(&[0x1f, 0x8b])).map(|(_, b)| sha256_hex(&b));
+        let _held = gzipped.map(|hex| {
+            let lock = spool.join(format!("{hex}.lock"));
+            let f = fs::File::create(&lock).unwrap();
+            fs::set_permissions(&lock, fs::Permissions::from_mode(0o666)).unwrap();
+            // SAFETY: flock(2) on a file this test owns.
+            assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) }, 0);
+            f
+        });
         let start = Instant::now();
-        let run = runasroot(&["-v", "--no-cache", "--base", base.to_str().unwrap(), "--script", s.to_str().unwrap(), "-o", out.to_str().unwrap(), "--timeout", limit], &case.tmp);
+        let args = ["-v", "--base", base.to_str().unwrap(), "--script", s.to_str().unwrap(), "-o", out.to_str().unwrap(), "--timeout", limit];
+        let mut cmd = runasroot_cmd(&args, &case.tmp);
+        cmd.env("RUNASROOT_CACHE", &cache);
+        let run = finish(cmd.output().unwrap());
         let took = start.elapsed();
         assert_eq!(run.code, 124, "{run:?}");
         let want = format!("--timeout {limit} expired while {phase}");
@@ -295,7 +311,9 @@ fn timeout_while_preparing_the_lower_and_while_the_script_runs() {
         assert!(run.stderr.contains("raise --timeout"), "{run:?}");
         let limit_s: u64 = limit.trim_end_matches('s').parse().unwrap();
         assert!(took < Duration::from_secs(limit_s) + STOP_WITHIN, "stopped in {took:?}");
-        case.assert_clean(&["s.sh", "tmp"], &run);
+        let spooling: Vec<_> = fs::read_dir(&spool).unwrap().map(|e| e.unwrap().file_name()).filter(|n| !n.to_string_lossy().ends_with(".lock")).collect();
+        assert!(spooling.is_empty(), "no cache entry, whole or half: {spooling:?}");
+        case.assert_clean(&["cache", "s.sh", "tmp"], &run);
     }
 }
 
@@ -342,6 +360,35 @@ fn a_signal_while_reading_the_cache_keeps_its_entries() {
     let spool: Vec<_> = fs::read_dir(cache.join("spool")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(spool.iter().all(|n| !n.to_string_lossy().starts_with(".new-")), "no half-written entry: {spool:?}");
     case.assert_clean(&["cache", "s.sh", "tmp"], &run);
+}
+
+/// The backstop: a step that never looks at the stop (here opening a
+/// base that is a FIFO nobody writes, which blocks in open(2)) is cut
+/// short GRACE (3 s) after SIGTERM: the same status, a message naming
+/// the phase, nothing left behind.
+#[test]
+fn a_step_that_does_not_stop_is_cut_short() {
+    let case = Case::new();
+    let fifo = case.path("base.tar");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o666) }, 0);
+    fs::set_permissions(&fifo, fs::Permissions::from_mode(0o666)).unwrap();
+    let s = case.script("true\n");
+    let out = case.path("out.tar");
+    let mut running = Running::start(&["-v", "--base", fifo.to_str().unwrap(), "--script", s.to_str().unwrap(), "-o", out.to_str().unwrap()], &case);
+    running.wait_for(READ.marker, Duration::from_secs(60));
+    // The run is inside open(2) now, or about to be.
+    std::thread::sleep(Duration::from_millis(300));
+    running.signal(libc::SIGTERM);
+    let at = Instant::now();
+    let run = running.finish(STOP_WITHIN);
+    let took = at.elapsed();
+    assert_eq!(run.code, 143, "{run:?}");
+    let want = "error: interrupted by SIGTERM while reading and verifying the base image (the step did not stop within 3s): removed the temporary files and exited; nothing was written";
+    assert!(run.stderr.contains(want), "{want:?} in {run:?}");
+    assert!(took >= Duration::from_millis(2900), "the backstop waited its grace period, not {took:?}");
+    case.assert_clean(&["base.tar", "s.sh", "tmp"], &run);
 }
 
 /// QEMU killed from outside while the script runs: a clear error naming
