@@ -209,47 +209,49 @@ fn remove_registered_and_exit(cause: Cause, why: &str) -> ! {
     std::process::exit(i32::from(cause.exit_code()));
 }
 
+/// Waits for the main thread to stop by itself after `cause`; if it has
+/// not within [`GRACE`] (twice that once it is moving outputs into place,
+/// which it finishes quickly), or at once when `again` says another
+/// signal came, cleans up and exits.
+fn backstop(cause: Cause, mut again: impl FnMut() -> bool) -> ! {
+    let at = Instant::now();
+    loop {
+        if again() {
+            remove_registered_and_exit(cause, "then a second signal");
+        }
+        let grace = if COMMITTING.load(Ordering::SeqCst) { 2 * GRACE } else { GRACE };
+        if at.elapsed() >= grace {
+            remove_registered_and_exit(cause, &format!("the step did not stop within {}s", grace.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Installs the SIGINT/SIGTERM handlers; returns the flag launchers poll.
 pub fn install() -> io::Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let stop = STOP.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let mut first: Option<(Cause, Instant)> = None;
-        loop {
-            // Wake up at least every GRACE to run the backstop.
-            for signal in signals.pending() {
-                let cause = if signal == SIGTERM { Cause::Terminate } else { Cause::Interrupt };
-                match first {
-                    None => {
-                        cancel(cause);
-                        first = Some((cancelled().unwrap_or(cause), Instant::now()));
-                    }
-                    Some((cause, _)) => remove_registered_and_exit(cause, "then a second signal"),
-                }
-            }
-            if first.is_none() {
-                if let Some(cause) = cancelled() {
-                    // A --timeout: the deadline thread raised it.
-                    first = Some((cause, Instant::now()));
-                }
-            }
-            if let Some((cause, at)) = first {
-                if at.elapsed() >= GRACE {
-                    remove_registered_and_exit(cause, &format!("the step did not stop within {}s", GRACE.as_secs()));
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let Some(signal) = signals.forever().next() else { return };
+        let cause = if signal == SIGTERM { Cause::Terminate } else { Cause::Interrupt };
+        if !cancel(cause) {
+            // Already stopping (--timeout): this signal is the second word.
+            remove_registered_and_exit(cancelled().unwrap_or(cause), "then a signal");
         }
+        backstop(cause, || signals.pending().next().is_some());
     })?;
     Ok(stop)
 }
 
-/// Cancels the run with [`Cause::Timeout`] `after` from now.
+/// Cancels the run with [`Cause::Timeout`] `after` from now (then the
+/// backstop as for a signal).
 pub fn start_deadline(after: Duration) -> io::Result<()> {
     std::thread::Builder::new().name("deadline".into()).spawn(move || {
         std::thread::sleep(after);
-        cancel(Cause::Timeout);
+        if cancel(Cause::Timeout) {
+            backstop(Cause::Timeout, || false);
+        }
     })?;
     Ok(())
 }

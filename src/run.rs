@@ -880,6 +880,25 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_names_its_cause_and_phase() {
+        let cases = [
+            (Cause::Interrupt, "packing the new layer", None, "interrupted by SIGINT while packing the new layer: the run was stopped and nothing was written"),
+            (Cause::Terminate, "", None, "interrupted by SIGTERM: the run was stopped and nothing was written"),
+            (
+                Cause::Timeout,
+                "indexing the base",
+                Some("3s"),
+                "--timeout 3s expired while indexing the base: the run was stopped and nothing was written (raise --timeout)",
+            ),
+        ];
+        for (cause, phase, limit, want) in cases {
+            let e = RunError::Stopped { cause, phase: phase.into(), limit: limit.map(String::from) };
+            assert_eq!((e.to_string().as_str(), e.exit_code()), (want, cause.exit_code()));
+        }
+        assert_eq!([Cause::Interrupt, Cause::Terminate, Cause::Timeout].map(Cause::exit_code), [130, 143, 124]);
+    }
+
+    #[test]
     fn the_closing_line_names_what_was_written() {
         let d = Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
         let out = Target::Path("out/new.tar".into());
