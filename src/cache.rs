@@ -165,11 +165,16 @@ impl Cache {
     /// the same entry: then `Made::Existing` is what that run made.
     pub fn make(&self, key: &Digest) -> io::Result<Made> {
         let lock = File::options().create(true).truncate(false).write(true).open(self.lock_path(key))?;
-        let lock = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
+        let lock = lock_exclusive_unless_stopped(lock)?;
         if let Some(entry) = self.get(key)? {
             return Ok(Made::Existing(entry));
         }
-        let temp = tempfile::Builder::new().prefix(TEMP_PREFIX).suffix(ENTRY_SUFFIX).tempfile_in(&self.dir)?;
+        // Registered: a run stopped by the signal backstop leaves no
+        // half-written entry in the cache.
+        let temp = crate::interrupt::create_temp(
+            || tempfile::Builder::new().prefix(TEMP_PREFIX).suffix(ENTRY_SUFFIX).tempfile_in(&self.dir),
+            |t| t.path(),
+        )?;
         Ok(Made::New(Pending { temp, final_path: self.entry_path(key), lock_path: self.lock_path(key), _lock: lock }))
     }
 
@@ -240,6 +245,24 @@ pub enum Made {
     New(Pending),
 }
 
+/// Waits for the exclusive lock on `file` as long as another run holds it
+/// (it is making the same entry, which may take minutes), but fails as
+/// soon as this run is stopped (SIGINT, SIGTERM, --timeout): a blocking
+/// flock would sit out the stop.
+fn lock_exclusive_unless_stopped(mut file: File) -> io::Result<Flock<File>> {
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                crate::interrupt::check()?;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                file = f;
+            }
+            Err((_, e)) => return Err(e.into()),
+        }
+    }
+}
+
 /// An entry being written; removed if dropped before [`Pending::commit`].
 #[derive(Debug)]
 pub struct Pending {
@@ -263,7 +286,10 @@ impl Pending {
     pub fn commit(self, cache: &Cache) -> io::Result<Entry> {
         let (file, temp_path) = self.temp.into_parts();
         let file = Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| io::Error::from(e))?;
-        temp_path.persist(&self.final_path).map_err(|e| e.error)?;
+        let registered = temp_path.to_path_buf();
+        let persisted = temp_path.persist(&self.final_path).map_err(|e| e.error);
+        crate::interrupt::unregister_temp(&registered);
+        persisted?;
         let _ = File::options().write(true).open(&self.lock_path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
         cache.evict(&self.final_path);
         Ok(Entry { path: self.final_path, file })

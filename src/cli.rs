@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "runasroot", version, args_conflicts_with_subcommands = true)]
 #[command(after_help = "Examples:\n  runasroot --base img.tar --script setup.sh -o new.tar\n  runasroot --base scratch --copy-to-root root/ --config config.json -o new.tar\n  runasroot export --base img.tar -o rootfs.tar\n\n\
-Exit status: the script's own code when it ran; 125 when runasroot failed; 124 when --timeout expired; 130 on Ctrl-C.")]
+Exit status: the script's own code when it ran; 125 when runasroot failed; 124 when --timeout expired; 130 on SIGINT (Ctrl-C); 143 on SIGTERM.")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -182,7 +182,7 @@ pub struct VmArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u8,
 
-    /// Stop the guest after this long (e.g. `90`, `90s`, `5m`); exit status 124.
+    /// Stop the run after this long, counted from its start (reading the base, preparing it, the guest, writing; e.g. `90`, `90s`, `5m`); exit status 124.
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
 

@@ -69,11 +69,11 @@ impl AtomicFile {
             _ => PathBuf::from("."),
         };
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{name}.runasroot-"))
-            .tempfile_in(&dir)
-            .map_err(|source| OutputError::Create { path: target.to_path_buf(), source })?;
-        crate::interrupt::register_temp(temp.path());
+        let temp = crate::interrupt::create_temp(
+            || tempfile::Builder::new().prefix(&format!(".{name}.runasroot-")).tempfile_in(&dir),
+            |t| t.path(),
+        )
+        .map_err(|source| OutputError::Create { path: target.to_path_buf(), source })?;
         Ok(AtomicFile { target: target.to_path_buf(), temp })
     }
 
@@ -83,18 +83,23 @@ impl AtomicFile {
 
     /// Flushes to disk and renames into place with mode 0644 & !umask
     /// (tempfile creates 0600, which a user would not expect of an output).
+    /// Refused once the run is stopped, unless an output is already in
+    /// place ([`crate::interrupt::begin_commit`]).
     pub fn commit(self) -> Result<(), OutputError> {
-        crate::interrupt::unregister_temp(self.temp.path());
         let path = self.target.clone();
         let werr = |source| OutputError::Write { path: path.display().to_string(), source };
         self.temp.as_file().sync_all().map_err(werr)?;
         let mode = 0o666 & !current_umask();
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(self.temp.path(), fs::Permissions::from_mode(mode)).map_err(werr)?;
-        self.temp
-            .persist(&self.target)
-            .map_err(|e| OutputError::Persist { path: self.target.clone(), source: e.error })?;
-        Ok(())
+        let perr = |source| OutputError::Persist { path: self.target.clone(), source };
+        crate::interrupt::begin_commit().map_err(perr)?;
+        let temp_path = self.temp.path().to_path_buf();
+        // A failed rename (the target became a directory meanwhile, say)
+        // drops the temporary file: nothing is left beside the target.
+        let persisted = self.temp.persist(&self.target).map_err(|e| perr(e.error));
+        crate::interrupt::unregister_temp(&temp_path);
+        persisted.map(drop)
     }
 }
 

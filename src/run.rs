@@ -3,7 +3,8 @@
 //! Host side of the data path: open and verify the image, lay out the
 //! disks, boot the guest, read and verify its result, write the outputs
 //! atomically. Exit statuses follow `docker run`: the script's own code,
-//! 125 when runasroot failed, 124 on --timeout, 130 on Ctrl-C.
+//! 125 when runasroot failed, 124 on --timeout, 130 on SIGINT (Ctrl-C),
+//! 143 on SIGTERM (128 + the signal, as shells report it).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -19,6 +20,7 @@ use crate::cache::{self, Cache};
 use crate::guest_output::{self, payload, Claim, OutputError as GuestOutputError};
 use crate::cli::{self, ExportArgs, RunArgs, ScriptArgs, UiArgs, VmArgs};
 use crate::image::{self, Digest, Image, ImageError};
+use crate::interrupt::Cause;
 use crate::job::{self, JobDisk, JobError, Times};
 use crate::layers::Spool;
 use crate::lower::{self, LowerError};
@@ -29,7 +31,7 @@ use crate::report;
 /// Exit status when runasroot itself failed (as `docker run`).
 pub const EXIT_FAILED: u8 = 125;
 /// Exit status when --timeout expired (as `timeout(1)`).
-pub const EXIT_TIMEOUT: u8 = 124;
+pub const EXIT_TIMEOUT: u8 = crate::interrupt::EXIT_TIMEOUT;
 /// Below this the guest kernel and init do not fit with a useful tmpfs.
 const MIN_MEMORY_MIB: u64 = 128;
 /// Scratch space below this cannot hold even a busybox base.
@@ -64,6 +66,8 @@ pub enum RunError {
         #[source]
         source: humantime::DurationError,
     },
+    #[error("cannot start the thread that enforces --timeout")]
+    Deadline(#[source] io::Error),
     #[error("--{flag} must be at least {min}")]
     TooSmall { flag: &'static str, min: u64 },
     #[error("--{flag} can be at most {max} (the guest kernel's limit)")]
@@ -80,6 +84,13 @@ pub enum RunError {
     WriteImage(#[source] ImageError),
     #[error("cannot write {path}: its directory {dir} does not exist")]
     OutputDir { path: PathBuf, dir: PathBuf },
+    #[error("cannot write {path}: no file can be created in its directory {dir}; fix: make the directory writable, or choose another path")]
+    OutputDirNotWritable {
+        path: PathBuf,
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("preparing the job failed")]
     Job(#[from] JobError),
     #[error("preparing the base for the guest failed")]
@@ -94,10 +105,10 @@ pub enum RunError {
     Output(#[from] OutputError),
     #[error("exporting failed")]
     Export(#[from] crate::export::ExportError),
-    #[error("--timeout {0} expired: the guest was stopped and nothing was written (raise --timeout)")]
-    TimedOut(String),
-    #[error("interrupted: the guest was stopped and nothing was written")]
-    Interrupted,
+    /// Stopped by SIGINT, SIGTERM or --timeout (`phase` and `limit` are
+    /// filled in by [`main`]).
+    #[error("{}", stopped(*cause, phase, limit.as_deref()))]
+    Stopped { cause: Cause, phase: String, limit: Option<String> },
     /// The guest's own report: what failed and where; the flag to change
     /// is the host's to say ([`RunError::fix`]).
     #[error("{reason}")]
@@ -119,8 +130,7 @@ pub enum RunError {
 impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::TimedOut(_) => EXIT_TIMEOUT,
-            RunError::Interrupted => crate::interrupt::EXIT_INTERRUPTED,
+            RunError::Stopped { cause, .. } => cause.exit_code(),
             _ => EXIT_FAILED,
         }
     }
@@ -129,6 +139,7 @@ impl RunError {
     pub fn fix(&self) -> Option<String> {
         match self {
             RunError::Guest { fix, .. } => fix.clone(),
+            RunError::Stopped { cause: Cause::Timeout, .. } => Some("raise --timeout".into()),
             _ => None,
         }
     }
@@ -143,6 +154,29 @@ impl RunError {
             RunError::Machine(MachineError::QemuFailed { stderr, .. }) => Some(report::Context { title: "QEMU's stderr", lines: stderr }),
             _ => None,
         }
+    }
+
+    /// The run was stopped: [`main`] says why and where.
+    fn stopped(cause: Cause) -> RunError {
+        RunError::Stopped { cause, phase: String::new(), limit: None }
+    }
+}
+
+/// What [`RunError::Stopped`] says: the cause, the phase, that nothing
+/// was written, and for a timeout the flag.
+fn stopped(cause: Cause, phase: &str, limit: Option<&str>) -> String {
+    let during = if phase.is_empty() { String::new() } else { format!(" while {phase}") };
+    match cause {
+        Cause::Timeout => format!("--timeout {} expired{during}: the run was stopped and nothing was written", limit.unwrap_or("")),
+        _ => format!("interrupted by {}{during}: the run was stopped and nothing was written", cause.name()),
+    }
+}
+
+/// Fails with [`RunError::Stopped`] once the run is: called between phases.
+fn checkpoint() -> Result<(), RunError> {
+    match crate::interrupt::cancelled() {
+        Some(cause) => Err(RunError::stopped(cause)),
+        None => Ok(()),
     }
 }
 
@@ -174,8 +208,9 @@ impl Ui {
         Ui { verbose: args.verbose, quiet: args.quiet, progress, started: Instant::now() }
     }
 
-    /// A phase began.
+    /// A phase began (also recorded for the message if the run is stopped).
     pub fn phase(&self, what: &str) {
+        crate::interrupt::set_phase(what);
         if let Some(pb) = &self.progress {
             pb.set_message(what.to_string());
         } else if self.verbose {
@@ -255,7 +290,7 @@ impl<'a> Console<'a> {
             if let Some(text) = rest.strip_prefix("out ") {
                 self.ui.println(text);
             } else if let Some(phase) = rest.strip_prefix("phase ") {
-                self.ui.phase(&report::escape(phase));
+                self.ui.phase(&report::escape(&guest_phase(phase)));
             } else if let Some(text) = rest.strip_prefix("log ") {
                 if self.ui.verbose {
                     self.ui.println(&format!("guest: {}", report::escape(text)));
@@ -277,6 +312,18 @@ impl<'a> Console<'a> {
 
     fn tail_lines(&self) -> Vec<String> {
         self.tail.iter().cloned().collect()
+    }
+}
+
+/// A guest phase's name (contract::Phase) as the UI shows it.
+fn guest_phase(name: &str) -> String {
+    match name {
+        "boot" => "starting the guest".into(),
+        "mount" => "mounting the base in the guest".into(),
+        "script" => "running the script".into(),
+        "pack" => "packing the new layer".into(),
+        "write" => "writing the guest's result".into(),
+        other => format!("in the guest's phase {other}"),
     }
 }
 
@@ -326,6 +373,8 @@ struct GuestJob<'a> {
     vm: &'a VmArgs,
     times: &'a Times,
     cache: Option<&'a Cache>,
+    /// `--timeout` from the start of the run.
+    deadline: Option<Instant>,
 }
 
 /// The spool cache, unless `--no-cache` or no writable place for it;
@@ -384,8 +433,8 @@ fn run_guest(
     stop: &Arc<AtomicBool>,
 ) -> Result<GuestResult, RunError> {
     let vm = job_args.vm;
-    let deadline_len = vm.timeout.as_deref().map(parse_timeout).transpose()?;
 
+    checkpoint()?;
     ui.phase("indexing the base");
     let spool = Spool { cache: job_args.cache, temp_dir: temp };
     let copy = lower::CopySpec {
@@ -406,6 +455,7 @@ fn run_guest(
         if st.index.cache_rebuilt > 0 { format!(" ({} corrupted entries made anew)", st.index.cache_rebuilt) } else { String::new() },
     ));
 
+    checkpoint()?;
     ui.phase("preparing disks");
     let mut disk = JobDisk::new(temp)?;
     let script = job_args.script.map(|p| disk.add_script(p)).transpose()?;
@@ -439,18 +489,20 @@ fn run_guest(
             DiskSpec { backing: Backing::File(output_disk.clone()), read_only: false, serial: contract::serial::OUTPUT.into() },
             DiskSpec { backing: Backing::File(swap_disk), read_only: false, serial: contract::serial::SWAP.into() },
         ],
-        deadline: deadline_len.map(|d| Instant::now() + d),
+        deadline: job_args.deadline,
         work_dir: temp.to_path_buf(),
         stop: stop.clone(),
     };
+    checkpoint()?;
     ui.phase(&format!("booting the guest ({})", machine.name()));
     let mut console = Console::new(ui);
     let exit = machine.run(&spec, &mut |bytes| console.feed(bytes))?;
     match exit {
-        GuestExit::TimedOut => return Err(RunError::TimedOut(vm.timeout.clone().unwrap_or_default())),
-        GuestExit::Stopped => return Err(RunError::Interrupted),
+        GuestExit::TimedOut => return Err(RunError::stopped(Cause::Timeout)),
+        GuestExit::Stopped => return Err(RunError::stopped(crate::interrupt::cancelled().unwrap_or(Cause::Interrupt))),
         GuestExit::Reset => {}
     }
+    ui.phase("checking the guest's result");
     // The guest read the base from these files: they must still be what
     // was verified.
     base.check_unchanged()?;
@@ -522,25 +574,38 @@ fn extract_payload(r: &GuestResult, dest: &Path) -> Result<(), RunError> {
     let mut src = File::open(&r.output_disk).map_err(rerr)?;
     src.seek(SeekFrom::Start(contract::PAYLOAD_OFFSET)).map_err(rerr)?;
     let mut dst = File::create(dest).map_err(rerr)?;
-    let n = io::copy(&mut src.take(r.payload_len), &mut dst).map_err(rerr)?;
+    let n = io::copy(&mut crate::interrupt::Checked(src.take(r.payload_len)), &mut dst).map_err(rerr)?;
     if n != r.payload_len {
         return Err(rerr(io::Error::new(io::ErrorKind::UnexpectedEof, "short payload")));
     }
     Ok(())
 }
 
+/// Streams the payload to `w`.
+fn copy_payload(r: &GuestResult, w: &mut dyn io::Write) -> io::Result<()> {
+    let mut src = File::open(&r.output_disk)?;
+    src.seek(SeekFrom::Start(contract::PAYLOAD_OFFSET))?;
+    let n = io::copy(&mut crate::interrupt::Checked(src.take(r.payload_len)), w)?;
+    if n != r.payload_len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short payload"));
+    }
+    Ok(())
+}
+
 /// Streams the payload to an output target.
 fn write_payload(r: &GuestResult, target: &Target) -> Result<(), RunError> {
-    let mut src = File::open(&r.output_disk).map_err(|source| RunError::ReadOutput { path: r.output_disk.clone(), source })?;
-    output::write_atomically(target, |w| {
-        src.seek(SeekFrom::Start(contract::PAYLOAD_OFFSET))?;
-        let n = io::copy(&mut (&mut src).take(r.payload_len), w)?;
-        if n != r.payload_len {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short payload"));
-        }
-        Ok(())
-    })?;
-    Ok(())
+    Ok(output::write_atomically(target, |w| copy_payload(r, w))?)
+}
+
+/// Writes the payload beside `path` without moving it into place yet.
+fn stage_payload(r: &GuestResult, path: &Path) -> Result<output::AtomicFile, RunError> {
+    let mut f = output::AtomicFile::create(path)?;
+    let werr = |source| OutputError::Write { path: path.display().to_string(), source };
+    {
+        let mut w = io::BufWriter::with_capacity(1 << 20, f.file());
+        copy_payload(r, &mut w).and_then(|_| io::Write::flush(&mut w)).map_err(werr)?;
+    }
+    Ok(f)
 }
 
 /// Checks what can be checked before any work: the script and copy-to-root
@@ -562,6 +627,11 @@ fn check_inputs(script: Option<&Path>, script_args: &ScriptArgs, outputs: [Optio
             if !dir.is_dir() {
                 return Err(RunError::OutputDir { path: path.clone(), dir: dir.to_path_buf() });
             }
+            // Writable? (A read-only directory or file system would
+            // otherwise fail only after the whole guest run.)
+            tempfile::Builder::new().prefix(".runasroot-probe-").tempfile_in(dir).map(drop).map_err(|source| {
+                RunError::OutputDirNotWritable { path: path.clone(), dir: dir.to_path_buf(), source }
+            })?;
         }
     }
     Ok(())
@@ -604,6 +674,7 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
         image::check_options(&write_opts, target).map_err(RunError::WriteImage)?;
     }
     let mut machine = prepare_machine(&args.vm, ui)?;
+    let deadline = start_deadline(&args.vm)?;
     let temp = temp_dir()?;
     let image = open_image(&args.input, temp.path(), ui)?;
     let cache = open_cache(args.input.no_cache, ui);
@@ -615,22 +686,34 @@ pub fn run_layer(args: &RunArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<Ende
         vm: &args.vm,
         times: &times,
         cache: cache.as_ref(),
+        deadline,
     };
     let result = run_guest(machine.as_mut(), &image, &job, temp.path(), ui, stop)?;
     if result.exit_code != 0 {
         return Ok(Ended::ScriptFailed(result.exit_code));
     }
 
+    checkpoint()?;
     ui.phase("writing the new image");
     let layer_path = temp.path().join("layer.tar");
     extract_payload(&result, &layer_path)?;
     let diff_id = result.payload_digest.clone().expect("a script that exited 0 has a verified payload");
-    if let Some(target) = &layer_out {
-        write_payload(&result, target)?;
-    }
+    // Both outputs or neither: the bare layer is written first and moved
+    // into place after the image (the first move makes the run finish).
+    let staged_layer = match &layer_out {
+        Some(Target::Path(path)) => Some(stage_payload(&result, path)?),
+        Some(Target::Stdout) => {
+            write_payload(&result, &Target::Stdout)?;
+            None
+        }
+        None => None,
+    };
     if let Some(target) = &out {
         let new = image::NewLayer { path: layer_path, diff_id: diff_id.clone(), size: result.payload_len };
         image::write_image(&image, &new, &write_opts, target).map_err(RunError::WriteImage)?;
+    }
+    if let Some(staged) = staged_layer {
+        staged.commit()?;
     }
     ui.finish();
     let image_out = out.as_ref().map(|t| WrittenImage {
@@ -711,6 +794,7 @@ pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<
     let times = job::resolve_times(None, source_date_epoch().as_deref(), time::OffsetDateTime::now_utc())?;
     let in_vm = args.in_vm || args.script.is_some() || !store_paths.is_empty() || !args.script_env.copy_to_root.is_empty();
     let mut machine = if in_vm { Some(prepare_machine(&args.vm, ui)?) } else { None };
+    let deadline = start_deadline(&args.vm)?;
     let temp = temp_dir()?;
     let image = open_image(&args.input, temp.path(), ui)?;
     let cache = open_cache(args.input.no_cache, ui);
@@ -723,11 +807,13 @@ pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<
             vm: &args.vm,
             times: &times,
             cache: cache.as_ref(),
+            deadline,
         };
         let result = run_guest(machine.as_mut(), &image, &job, temp.path(), ui, stop)?;
         if result.exit_code != 0 {
             return Ok(Ended::ScriptFailed(result.exit_code));
         }
+        checkpoint()?;
         ui.phase("writing the export");
         write_payload(&result, &target)?;
         ui.finish();
@@ -755,18 +841,38 @@ pub fn run_export(args: &ExportArgs, ui: &Ui, stop: &Arc<AtomicBool>) -> Result<
     Ok(Ended::Done)
 }
 
+/// Starts the `--timeout` clock: it covers the whole run from here
+/// (reading the base, preparing the lower, the guest, writing).
+fn start_deadline(vm: &VmArgs) -> Result<Option<Instant>, RunError> {
+    let Some(limit) = vm.timeout.as_deref().map(parse_timeout).transpose()? else { return Ok(None) };
+    crate::interrupt::start_deadline(limit).map_err(RunError::Deadline)?;
+    Ok(Some(Instant::now() + limit))
+}
+
+/// A failure while the run was being stopped is the stop: says why, in
+/// which phase, with the stop's exit status.
+fn explain_stop(r: Result<Ended, RunError>, timeout: Option<&str>) -> Result<Ended, RunError> {
+    let cause = match (&r, crate::interrupt::cancelled()) {
+        (Err(RunError::Stopped { cause, .. }), _) => *cause,
+        (Err(_), Some(cause)) => cause,
+        _ => return r,
+    };
+    let limit = (cause == Cause::Timeout).then(|| timeout.unwrap_or_default().to_string());
+    Err(RunError::Stopped { cause, phase: crate::interrupt::phase(), limit })
+}
+
 /// Entry point after argument parsing.
 pub fn main(cli: cli::Cli, stop: Arc<AtomicBool>) -> Result<Ended, (RunError, UiArgs)> {
     match cli.command {
         Some(cli::Command::Export(args)) => {
             let ui = Ui::new(args.ui);
-            let r = run_export(&args, &ui, &stop);
+            let r = explain_stop(run_export(&args, &ui, &stop), args.vm.timeout.as_deref());
             ui.finish();
             r.map_err(|e| (e, args.ui))
         }
         None => {
             let ui = Ui::new(cli.run.ui);
-            let r = run_layer(&cli.run, &ui, &stop);
+            let r = explain_stop(run_layer(&cli.run, &ui, &stop), cli.run.vm.timeout.as_deref());
             ui.finish();
             r.map_err(|e| (e, cli.run.ui))
         }
@@ -784,6 +890,25 @@ mod tests {
         assert_eq!(parse_timeout("5m").unwrap(), Duration::from_secs(300));
         assert!(parse_timeout("soon").is_err());
         assert!(parse_timeout("-3").is_err());
+    }
+
+    #[test]
+    fn a_stop_names_its_cause_and_phase() {
+        let cases = [
+            (Cause::Interrupt, "packing the new layer", None, "interrupted by SIGINT while packing the new layer: the run was stopped and nothing was written"),
+            (Cause::Terminate, "", None, "interrupted by SIGTERM: the run was stopped and nothing was written"),
+            (
+                Cause::Timeout,
+                "indexing the base",
+                Some("3s"),
+                "--timeout 3s expired while indexing the base: the run was stopped and nothing was written (raise --timeout)",
+            ),
+        ];
+        for (cause, phase, limit, want) in cases {
+            let e = RunError::Stopped { cause, phase: phase.into(), limit: limit.map(String::from) };
+            assert_eq!((e.to_string().as_str(), e.exit_code()), (want, cause.exit_code()));
+        }
+        assert_eq!([Cause::Interrupt, Cause::Terminate, Cause::Timeout].map(Cause::exit_code), [130, 143, 124]);
     }
 
     #[test]

@@ -150,12 +150,40 @@ fn tier1_test_guest_is_stopped_by_the_deadline_and_by_stop() {
     let stop = s.stop.clone();
     let setter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
+        // Both vCPU threads are running (one spins in the guest, one waits
+        // in KVM_RUN): each must be under its seccomp filter, with SIGINT
+        // and SIGTERM left to the host program's threads.
+        let confined = vcpu_thread_status();
         stop.store(true, Ordering::Release);
+        confined
     });
     let t = Instant::now();
     assert_eq!(vmm.run(&s, &mut |_| {}).unwrap(), GuestExit::Stopped);
-    setter.join().unwrap();
+    let confined = setter.join().unwrap();
     assert!(t.elapsed() < Duration::from_secs(5), "stop honoured in {:?}", t.elapsed());
+    assert!(confined.iter().any(|(name, _, _)| name == "vcpu1"), "both vCPU threads seen: {confined:?}");
+    for (name, seccomp, sigint_blocked) in confined {
+        assert_eq!(seccomp, "2", "{name} runs in seccomp filter mode (2)");
+        assert!(sigint_blocked, "{name} blocks SIGINT and SIGTERM");
+    }
+}
+
+/// For each live thread of this process named vcpuN: its name, the
+/// `Seccomp:` field of its status and whether it blocks SIGINT and SIGTERM.
+fn vcpu_thread_status() -> Vec<(String, String, bool)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        if !name.starts_with("vcpu") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).unwrap_or("").trim().to_string();
+        let blocked = u64::from_str_radix(&field("SigBlk:"), 16).unwrap_or(0);
+        let bit = |sig: i32| 1u64 << (sig - 1);
+        found.push((name, field("Seccomp:"), blocked & bit(libc::SIGINT) != 0 && blocked & bit(libc::SIGTERM) != 0));
+    }
+    found
 }
 
 /// A minimal x86-64 ELF: one PT_LOAD of `code` at `paddr`, entered there.

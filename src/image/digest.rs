@@ -24,6 +24,7 @@ pub fn sha256_range(file: &File, offset: u64, length: u64, progress: &mut dyn Fn
     let mut buf = vec![0u8; CHUNK];
     let mut done = 0u64;
     while done < length {
+        crate::interrupt::check()?;
         let want = (length - done).min(CHUNK as u64) as usize;
         let n = file.read_at(&mut buf[..want], offset + done)?;
         if n == 0 {
@@ -64,6 +65,9 @@ impl<R: Read> HashingReader<R> {
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Copying blobs into a new image and hashing the new layer: stop
+        // here when the run is (SIGINT, --timeout).
+        crate::interrupt::check()?;
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         self.count += n as u64;

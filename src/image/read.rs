@@ -286,8 +286,8 @@ fn open_store(
         |source| ImageError::Decompress { path: path.to_path_buf(), codec: codec_name, temp_dir: temp_dir.to_path_buf(), source };
     let (file, temp_path) = temp.into_parts();
     let mut out = io::BufWriter::with_capacity(1 << 20, file);
-    let mut reader = compress::decoder(codec, File::open(path).map_err(open_err)?).map_err(decompress_err)?;
-    io::copy(&mut reader, &mut out).map_err(decompress_err)?;
+    let reader = compress::decoder(codec, File::open(path).map_err(open_err)?).map_err(decompress_err)?;
+    io::copy(&mut crate::interrupt::Checked(reader), &mut out).map_err(decompress_err)?;
     io::Write::flush(&mut out).map_err(decompress_err)?;
     drop(out);
     let store = Store::open_tar(&temp_path, path, Some(codec_name))?;

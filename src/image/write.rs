@@ -535,10 +535,20 @@ fn write_dir(members: &Members, target: &Path) -> Result<(), ImageError> {
         _ => PathBuf::from("."),
     };
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let temp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.runasroot-"))
-        .tempdir_in(&parent)
-        .map_err(|source| ImageError::TempFile { dir: parent.clone(), source })?;
+    let temp = crate::interrupt::create_temp(
+        || tempfile::Builder::new().prefix(&format!(".{name}.runasroot-")).tempdir_in(&parent),
+        |t| t.path(),
+    )
+    .map_err(|source| ImageError::TempFile { dir: parent.clone(), source })?;
+    let registered = temp.path().to_path_buf();
+    let result = fill_and_swap(members, target, temp, exists);
+    crate::interrupt::unregister_temp(&registered);
+    result
+}
+
+/// The body of [`write_dir`]: writes the layout in `temp` and swaps it
+/// into place at `target` (`exists`: there is a layout to replace).
+fn fill_and_swap(members: &Members, target: &Path, temp: tempfile::TempDir, exists: bool) -> Result<(), ImageError> {
     let dir_err = |source| ImageError::WriteDir { path: target.to_path_buf(), source };
     let root = temp.path();
     let blobs_dir = root.join("blobs/sha256");
@@ -561,6 +571,9 @@ fn write_dir(members: &Members, target: &Path) -> Result<(), ImageError> {
     // files already got 0666 less the umask from create).
     let umask = current_umask();
     fs::set_permissions(root, fs::Permissions::from_mode(0o777 & !umask)).map_err(dir_err)?;
+    if let Err(e) = crate::interrupt::begin_commit() {
+        return Err(dir_err(e));
+    }
     let root = temp.keep();
     let swap = if exists {
         // Atomic: the old layout and the new one trade places, then the

@@ -277,8 +277,12 @@ fn read_cached(
             Ok(Ok(ReadLayer { tree, source, spooled_bytes: 0 }))
         }
         // A tar that does not parse or hash right: the entry is damaged
-        // (the compressed blob it came from was verified when it was made).
-        Err(LayerError::DiffIdMismatch { .. } | LayerError::ReadLayer { .. }) => Ok(Err(entry)),
+        // (the compressed blob it came from was verified when it was made)
+        // — unless the read stopped because the run did (SIGINT,
+        // --timeout): then the entry is fine and stays.
+        Err(LayerError::DiffIdMismatch { .. } | LayerError::ReadLayer { .. }) if crate::interrupt::cancelled().is_none() => {
+            Ok(Err(entry))
+        }
         Err(e) => Err(e),
     }
 }
@@ -653,6 +657,9 @@ struct Tee<'w, R> {
 
 impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Indexing and spooling a large layer is the longest host phase
+        // of the lower: stop here when the run is (SIGINT, --timeout).
+        crate::interrupt::check()?;
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         self.len += n as u64;

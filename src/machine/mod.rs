@@ -120,7 +120,7 @@ pub enum MachineError {
         tried: Vec<PathBuf>,
     },
     /// `stderr`: QEMU's own lines, shown below the error by the renderer.
-    #[error("QEMU exited with {status} before the guest reset")]
+    #[error("{}", qemu_failed(status))]
     QemuFailed { status: std::process::ExitStatus, stderr: Vec<String> },
     #[error("reading the guest console failed")]
     Console(#[source] std::io::Error),
@@ -135,6 +135,23 @@ pub enum MachineError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What [`MachineError::QemuFailed`] says: a signal is named as such (a
+/// `kill -9` or the OOM killer from outside), an exit status with QEMU's
+/// own words.
+fn qemu_failed(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(sig) => {
+            let name = nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("an unknown signal");
+            format!(
+                "QEMU was killed by signal {sig} ({name}) before the guest finished: something outside runasroot \
+                 killed it (a kill command, the OOM killer)"
+            )
+        }
+        None => format!("QEMU exited with {status} before the guest reset"),
+    }
 }
 
 /// What [`MachineError::QemuNotFound`] says: what was asked for, every

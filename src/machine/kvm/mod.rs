@@ -15,8 +15,9 @@
 //!    the i8042 whose reset ends the VM, one virtio-blk per disk; every
 //!    interrupt is an irqfd.
 //! 5. vCPUs ([`vcpu`]): CPUID, MSRs, LAPIC, long-mode registers for the
-//!    boot CPU; one thread each, running until a reset, a triple fault
-//!    (`KVM_EXIT_SHUTDOWN`), the deadline or `stop`.
+//!    boot CPU; one thread each, confined by a seccomp filter
+//!    ([`seccomp`]) before its first KVM_RUN, running until a reset, a
+//!    triple fault (`KVM_EXIT_SHUTDOWN`), the deadline or `stop`.
 
 pub mod boot;
 pub mod bus;
@@ -24,13 +25,14 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod seccomp;
 pub mod vcpu;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -140,6 +142,16 @@ pub enum Error {
     },
     #[error("the vCPU threads did not stop within {STOP_TIMEOUT:?}")]
     StopTimeout,
+    #[error("cannot confine vCPU {cpu} with its seccomp filter")]
+    Confine {
+        cpu: u8,
+        #[source]
+        source: seccomp::Error,
+    },
+    #[error("vCPU {cpu} made system call {syscall}, which its seccomp filter forbids: the call was refused and the guest stopped; \
+             this is a bug in runasroot (or a guest breaking into the VMM), please report it (`grep -w {syscall} \
+             /usr/include/x86_64-linux-gnu/asm/unistd_64.h` names the call); --vmm qemu avoids the built-in VMM")]
+    SyscallRefused { cpu: u8, syscall: i64 },
 }
 
 /// Why the built-in VMM cannot boot Linux on this host. Says what the
@@ -277,6 +289,7 @@ impl KvmMachine {
             return Err(Error::TooManyCpus { cpus: spec.cpus, max });
         }
         install_kick_handler()?;
+        seccomp::install_sigsys_handler().map_err(|source| Error::Confine { cpu: 0, source })?;
         // Step marks for RUNASROOT_TRACE_VMM's breakdown of the start time.
         let mut marks: Vec<(&'static str, Instant)> = vec![("start", run_start)];
 
@@ -302,7 +315,8 @@ impl KvmMachine {
         for cpu in 0..spec.cpus {
             let fd = vm.create_vcpu(u64::from(cpu)).map_err(|source| Error::CreateVcpu { cpu, source })?;
             vcpu::configure(&fd, cpu, spec.cpus, &self.supported_cpuid, (cpu == 0).then_some(boot.kernel.entry))?;
-            vcpus.push(fd);
+            let filter = seccomp::vcpu_filter(fd.as_raw_fd()).map_err(|source| Error::Confine { cpu, source })?;
+            vcpus.push((fd, filter));
         }
         marks.push(("vcpus", Instant::now()));
         let steps: String = marks
@@ -311,21 +325,39 @@ impl KvmMachine {
             .collect();
 
         let trace = std::env::var(TRACE_ENV).as_deref() == Ok("1");
+        // Read before the vCPU threads are confined (they may not open files).
+        let process_started = if trace { process_start() } else { None };
         let created = if self.first_kvm_run.is_none() { self.created } else { run_start };
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(vcpus.len());
         let mut spawn_error = None;
-        for (cpu, fd) in (0u8..).zip(vcpus) {
+        for (cpu, (fd, filter)) in (0u8..).zip(vcpus) {
             let (buses, control, steps) = (buses.clone(), control.clone(), steps.clone());
+            let (confined_tx, confined) = mpsc::sync_channel(1);
             let spawned = std::thread::Builder::new().name(format!("vcpu{cpu}")).spawn(move || {
-                let print = move |at: Instant| print_start_trace(created, at, &steps);
+                let kick = SIGRTMIN() + KICK_SIGNAL_OFFSET;
+                let _reporting = match seccomp::confine_vcpu_thread(&filter, kick, &control.violations, cpu) {
+                    Ok(guard) => {
+                        let _ = confined_tx.send(Ok(()));
+                        guard
+                    }
+                    Err(e) => {
+                        let _ = confined_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let print = move |at: Instant| print_start_trace(created, process_started, at, &steps);
                 vcpu::run(fd, cpu, &buses, &control, if trace { Some(&print) } else { None });
             });
-            match spawned {
-                Ok(handle) => threads.push(handle),
-                Err(source) => {
-                    spawn_error = Some(Error::SpawnVcpu { cpu, source });
-                    break;
+            let started = match spawned {
+                Ok(handle) => {
+                    threads.push(handle);
+                    confined.recv().unwrap_or(Ok(())).map_err(|source| Error::Confine { cpu, source })
                 }
+                Err(source) => Err(Error::SpawnVcpu { cpu, source }),
+            };
+            if let Err(e) = started {
+                spawn_error = Some(e);
+                break;
             }
         }
 
@@ -338,6 +370,11 @@ impl KvmMachine {
         if !rest.is_empty() {
             console(&rest);
         }
+        // A call refused while the threads stopped fails the run too.
+        let outcome = match (outcome, control.violations.first()) {
+            (Ok(_), Some(v)) => Err(Error::SyscallRefused { cpu: v.cpu, syscall: v.syscall }),
+            (outcome, _) => outcome,
+        };
         self.first_kvm_run = control.first_run.get().copied();
         // The VM (and with it every vCPU and irqfd) goes before the memory
         // it maps: `vm` and the last vCPU fd are dropped by now, `mem` after.
@@ -376,6 +413,9 @@ fn wait(
         let bytes = console_buf.take();
         if !bytes.is_empty() {
             console(&bytes);
+        }
+        if let Some(v) = control.violations.first() {
+            return Err(Error::SyscallRefused { cpu: v.cpu, syscall: v.syscall });
         }
         match control.end() {
             Some(End::Reset) => return Ok(GuestExit::Reset),
@@ -456,12 +496,15 @@ fn stop_vcpus(control: &RunControl, threads: Vec<JoinHandle<()>>) -> Result<(), 
 /// the kernel records it, in clock ticks) and from `KvmMachine::new`,
 /// plus the CLOCK_MONOTONIC time of the first KVM_RUN, so that a parent
 /// process can measure spawn → first KVM_RUN exactly (benches/vmm.rs).
-fn print_start_trace(created: Instant, first_run: Instant, steps: &str) {
+/// Runs on the confined boot vCPU: only clock_gettime and a write to
+/// stderr; `process_started` was read before.
+fn print_start_trace(created: Instant, process_started: Option<Duration>, first_run: Instant, steps: &str) {
     let monotonic = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
         .unwrap_or(f64::NAN);
     let from_new = first_run.duration_since(created).as_secs_f64() * 1e3;
-    let from_process = match process_age() {
+    let age = process_started.and_then(|started| boottime()?.checked_sub(started));
+    let from_process = match age {
         Some(age) => format!(
             "{:.1} ms after process start (±{} ms: /proc clock ticks), ",
             age.as_secs_f64() * 1e3,
@@ -478,15 +521,17 @@ fn clock_ticks_per_second() -> u64 {
     u64::try_from(hz).ok().filter(|&hz| hz > 0).unwrap_or(100)
 }
 
-/// Time since this process started: CLOCK_BOOTTIME now minus the start
-/// time in /proc/self/stat (field 22, clock ticks since boot).
-fn process_age() -> Option<Duration> {
+/// When this process started, in CLOCK_BOOTTIME: the start time in
+/// /proc/self/stat (field 22, clock ticks since boot).
+fn process_start() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let start_ticks = parse_start_ticks(&stat)?;
+    Some(Duration::from_secs_f64(start_ticks as f64 / clock_ticks_per_second() as f64))
+}
+
+fn boottime() -> Option<Duration> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
-    let now = Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32);
-    let started = Duration::from_secs_f64(start_ticks as f64 / clock_ticks_per_second() as f64);
-    now.checked_sub(started)
+    Some(Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32))
 }
 
 /// Field 22 of /proc/PID/stat; the command name (field 2) may contain
@@ -544,6 +589,6 @@ mod tests {
         let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 12345 ...";
         assert_eq!(parse_start_ticks(stat), Some(987_654));
         assert_eq!(parse_start_ticks("garbage"), None);
-        assert!(process_age().is_some());
+        assert!(process_start().and_then(|s| boottime()?.checked_sub(s)).is_some());
     }
 }

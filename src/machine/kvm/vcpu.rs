@@ -386,6 +386,8 @@ pub struct RunControl {
     ended: EventFd,
     /// When the boot vCPU first entered KVM_RUN (the "VMM start" mark).
     pub first_run: OnceLock<Instant>,
+    /// System calls the vCPU threads' seccomp filter refused.
+    pub violations: super::seccomp::Violations,
 }
 
 impl RunControl {
@@ -395,6 +397,7 @@ impl RunControl {
             end: Mutex::new(None),
             ended: EventFd::new(EFD_NONBLOCK)?,
             first_run: OnceLock::new(),
+            violations: Default::default(),
         })
     }
 
