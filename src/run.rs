@@ -901,12 +901,14 @@ mod tests {
                 Cause::Timeout,
                 "indexing the base",
                 Some("3s"),
-                "--timeout 3s expired while indexing the base: the run was stopped and nothing was written (raise --timeout)",
+                "--timeout 3s expired while indexing the base: the run was stopped and nothing was written",
             ),
         ];
         for (cause, phase, limit, want) in cases {
             let e = RunError::Stopped { cause, phase: phase.into(), limit: limit.map(String::from) };
             assert_eq!((e.to_string().as_str(), e.exit_code()), (want, cause.exit_code()));
+            let fix = (cause == Cause::Timeout).then(|| "raise --timeout".to_string());
+            assert_eq!(e.fix(), fix);
         }
         assert_eq!([Cause::Interrupt, Cause::Terminate, Cause::Timeout].map(Cause::exit_code), [130, 143, 124]);
     }
