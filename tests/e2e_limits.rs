@@ -50,10 +50,11 @@ fn filling_the_scratch_space_names_disk_size() {
 
 #[test]
 fn a_guest_oom_names_memory() {
-    // Small allocations, each touched, until the OOM killer fires: more
-    // than the guest's RAM and swap (the scratch space) together.
-    let hog = "awk 'BEGIN { while (1) a[i++] = sprintf(\"%0200d\", i) }'\n";
-    let Some(run) = limited(hog, &["--memory", "128", "--disk-size", "64", "--timeout", "10m"]) else { return };
+    // 64 MB strings, each touched, until the OOM killer fires: more than
+    // the guest's RAM and swap (the scratch space) together within a few
+    // of them (small allocations took minutes under a loaded TCG).
+    let hog = "awk 'BEGIN { s = sprintf(\"%32000000s\", \"\"); while (1) a[i++] = s s i }'\n";
+    let Some(run) = limited(hog, &["--memory", "128", "--disk-size", "16", "--timeout", "10m"]) else { return };
     assert_eq!(run.code, 125, "{run:?}");
     assert!(run.stderr.contains("  fix: raise --memory (now 128 MiB)\n"), "the message names the flag: {run:?}");
     assert_eq!(run.stderr.matches("--memory").count(), 1, "the host alone says which flag, once: {run:?}");

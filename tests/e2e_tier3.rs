@@ -127,9 +127,10 @@ impl Inputs {
             ("sleep.sh", "echo script-started; sleep 600\n".into()),
             ("true.sh", "true\n".into()),
             ("dd.sh", "dd if=/dev/zero of=/big bs=1M count=200\n".into()),
-            // Small allocations, each touched, until the OOM killer fires:
-            // more than the guest's RAM and swap together.
-            ("hog.sh", "awk 'BEGIN { while (1) a[i++] = sprintf(\"%0200d\", i) }'\n".into()),
+            // 64 MB strings, each touched, until the OOM killer fires: more
+            // than the guest's RAM and swap together within a few of them
+            // (small allocations took minutes under a loaded TCG).
+            ("hog.sh", "awk 'BEGIN { s = sprintf(\"%32000000s\", \"\"); while (1) a[i++] = s s i }'\n".into()),
         ] {
             script(&scripts, name, &body);
         }
@@ -182,7 +183,7 @@ fn cases(i: &Inputs) -> Vec<Case> {
         case(
             "memory",
             false,
-            format!("{rar} --memory 128 --disk-size 64 --timeout 4m --base {bb} --script {} {outs}\n", i.script("hog.sh")),
+            format!("{rar} --memory 128 --disk-size 16 --timeout 4m --base {bb} --script {} {outs}\n", i.script("hog.sh")),
         ),
     ]
 }
