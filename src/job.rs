@@ -117,10 +117,14 @@ pub fn resolve_times(created_flag: Option<&str>, source_date_epoch: Option<&str>
 /// during a 10 ms busy wait, arch/x86/kernel/apic/io_apic.c) fails on a
 /// loaded host under TCG, where the virtual timer lags: "IO-APIC + timer
 /// doesn't work!" and a panic (seen with six QEMUs on two cores). Our
-/// launchers' timers work; the check only costs.
+/// launchers' timers work; the check only costs. `tsc=reliable`: the
+/// clocksource watchdog compares the TSC with kvm-clock every half second
+/// and, when a loaded host delays a vCPU (nested under TCG, seen in tier
+/// 3), marks the TSC unstable with a warning and falls back to a slower
+/// clocksource; a run lasts seconds and needs no such switch.
 pub fn cmdline(verbose: bool) -> String {
     let log = if verbose { "loglevel=7" } else { "quiet loglevel=1" };
-    format!("console=ttyS0 reboot=t panic=-1 no_timer_check {log}")
+    format!("console=ttyS0 reboot=t panic=-1 no_timer_check tsc=reliable {log}")
 }
 
 /// Size of the sparse output disk: it can never need more than everything
