@@ -12,6 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{BlobRef, ImageError};
+use crate::layers::TarGuard;
 
 /// Most members an image archive may hold: a 1000-layer legacy archive
 /// has ~4000; this only stops a hostile archive from filling memory.
@@ -84,7 +85,9 @@ impl Store {
     pub fn open_tar(path: &Path) -> Result<Store, ImageError> {
         let err = |source| ImageError::ReadArchive { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(|source| ImageError::Open { path: path.to_path_buf(), source })?;
-        let mut archive = tar::Archive::new(file);
+        // The guard bounds the long names and PAX headers the tar crate
+        // would read whole into memory.
+        let mut archive = tar::Archive::new(TarGuard::new(file));
         let mut members = HashMap::new();
         for entry in archive.entries_with_seek().map_err(err)? {
             let entry = entry.map_err(err)?;

@@ -12,6 +12,7 @@
 //! Memory grows with the number of entries, never with file sizes: a tree
 //! holds paths, metadata and data offsets, never data.
 
+pub mod guard;
 pub(crate) mod read;
 pub(crate) mod tree;
 
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
+pub use guard::{TarGuard, MAX_EXTENSION_BYTES};
 pub use read::{Origin, Spool};
 pub(crate) use read::Source;
 pub(crate) use tree::Merged;

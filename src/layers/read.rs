@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest as _, Sha256};
 
+use super::guard::TarGuard;
 use super::tree::{normalize, Content, EntryKind, Inode, LayerTree, Meta};
 use super::{label, LayerError};
 use crate::cache::{self, Cache};
@@ -116,7 +117,7 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &At
     if layer.compression == Compression::None {
         let tree = if layer.blob_digest == layer.diff_id {
             let reader = SkippingReader::new(&file, layer.blob.offset, layer.blob.length);
-            let mut archive = tar::Archive::new(reader);
+            let mut archive = tar::Archive::new(TarGuard::new(reader));
             let entries = archive.entries_with_seek().map_err(|e| read_error(&label, e))?;
             index_entries(entries, source, &label, stop, TarKind::Layer)?
         } else {
@@ -215,7 +216,7 @@ pub(crate) fn read_content_tar(path: &Path, source: u32, label: &str, temp_dir: 
     };
     let never = AtomicBool::new(false);
     if compression == Compression::None {
-        let mut archive = tar::Archive::new(SkippingReader::new(&file, 0, len));
+        let mut archive = tar::Archive::new(TarGuard::new(SkippingReader::new(&file, 0, len)));
         let entries = archive.entries_with_seek().map_err(|e| read_error(label, e))?;
         let tree = index_entries(entries, source, label, &never, TarKind::Content)?;
         return Ok(ContentTar { tree, data: path.to_path_buf(), spool: None });
@@ -234,7 +235,7 @@ pub(crate) fn read_content_tar(path: &Path, source: u32, label: &str, temp_dir: 
     let mut out = BufWriter::with_capacity(BUF, &spooled);
     let mut tee = Tee { inner: decoded, hasher: Sha256::new(), len: 0, spool: Some(&mut out), spool_error: None };
     let parsed = {
-        let mut archive = tar::Archive::new(BufReader::with_capacity(BUF, &mut tee));
+        let mut archive = tar::Archive::new(TarGuard::new(BufReader::with_capacity(BUF, &mut tee)));
         archive
             .entries()
             .map_err(|e| read_error(label, e))
@@ -346,7 +347,7 @@ fn read_error(label: &str, source: io::Error) -> LayerError {
 /// Parses the tar on `stream` (to its very end: the digest covers the
 /// padding after the end-of-archive blocks too).
 fn parse(stream: &mut dyn Read, source: u32, label: &str, stop: &AtomicBool) -> Result<LayerTree, LayerError> {
-    let mut archive = tar::Archive::new(BufReader::with_capacity(BUF, stream));
+    let mut archive = tar::Archive::new(TarGuard::new(BufReader::with_capacity(BUF, stream)));
     let tree = index_entries(archive.entries().map_err(|e| read_error(label, e))?, source, label, stop, TarKind::Layer)?;
     io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(|e| read_error(label, e))?;
     Ok(tree)
