@@ -1,0 +1,237 @@
+//! Layer tars through the layer reader and the merge (`layers::index`,
+//! by way of `export::export`, which writes the merged tree as one tar).
+//!
+//! Input: how many layers, then per layer its compression, whether its
+//! diff_id is right, and its tar: raw bytes, or entries described by the
+//! input (paths from a small alphabet with whiteouts, `..` and odd bytes;
+//! every entry type; PAX records) written with valid headers. All layers
+//! go one after another into one file, as in a docker-archive.
+//!
+//! Checked: no panic; an export either fails or writes a tar that reads
+//! back with every name normalised, every directory before its contents,
+//! no name twice, every hard link to an earlier file; the same layers
+//! export to the same bytes; nothing is left in the spool directory.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use runasroot::cache::{Cache, Location};
+use runasroot::export::{export, ExportError, ExportOptions};
+use runasroot::image::{BlobRef, Compression, Digest, FileId, Layer};
+use runasroot::layers::Spool;
+use sha2::{Digest as _, Sha256};
+
+use super::Input;
+
+/// Path components the fuzzer picks from; index 12 reads raw bytes.
+const COMPONENTS: [&[u8]; 12] =
+    [b"a", b"b", b"c", b"dir", b".wh.a", b".wh.b", b".wh.dir", b".wh..wh..opq", b"..", b".", b"", b"a\xffb"];
+
+fn sha(bytes: &[u8]) -> Digest {
+    Digest::from_sha256(&Sha256::digest(bytes))
+}
+
+fn path(input: &mut Input) -> Vec<u8> {
+    let mut out = Vec::new();
+    match input.below(8) {
+        0 => out.extend_from_slice(b"/"),
+        1 => out.extend_from_slice(b"./"),
+        _ => {}
+    }
+    for i in 0..=input.below(4) {
+        if i > 0 {
+            out.push(b'/');
+        }
+        match input.below(13) as usize {
+            12 => out.extend(input.string(12)),
+            c => out.extend_from_slice(COMPONENTS[c]),
+        }
+    }
+    if input.below(6) == 0 {
+        out.push(b'/');
+    }
+    out
+}
+
+/// One entry described by the input, appended to `b`.
+fn entry(input: &mut Input, b: &mut tar::Builder<Vec<u8>>) {
+    let (ty, size_data): (u8, Vec<u8>) = match input.below(12) {
+        0 | 1 | 2 => (b'0', input.string(700)),
+        3 => (b'5', vec![]),
+        4 => (b'2', vec![]),
+        5 => (b'1', vec![]),
+        6 => (b'3', vec![]),
+        7 => (b'4', vec![]),
+        8 => (b'6', vec![]),
+        9 => (0, input.string(40)),
+        10 => (b'7', input.string(40)),
+        _ => (input.u8(), input.string(40)),
+    };
+    let name = path(input);
+    let link = if matches!(ty, b'1' | b'2') || input.below(8) == 0 { path(input) } else { vec![] };
+    let mut h = if input.bool() { tar::Header::new_ustar() } else { tar::Header::new_gnu() };
+    h.as_mut_bytes()[156] = ty;
+    h.set_mode(u32::from(input.u16()));
+    let uid = if input.below(8) == 0 { input.u64() } else { input.below(70000) };
+    h.set_uid(uid.min(0o7777777));
+    h.set_gid(input.below(3));
+    h.set_mtime(input.below(2_000_000_000));
+    if matches!(ty, b'3' | b'4') {
+        let _ = h.set_device_major(input.below(4200) as u32);
+        let _ = h.set_device_minor(input.u32());
+    }
+    h.set_size(size_data.len() as u64);
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+    if name.len() > 100 || name.contains(&0) || input.below(8) == 0 {
+        pax.push(("path".into(), name.clone()));
+    } else {
+        h.as_old_mut().name[..name.len()].copy_from_slice(&name);
+    }
+    if link.len() > 100 || input.below(16) == 0 {
+        pax.push(("linkpath".into(), link.clone()));
+    } else {
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(&link);
+    }
+    if uid > 0o7777777 {
+        pax.push(("uid".into(), uid.to_string().into_bytes()));
+    }
+    for _ in 0..input.below(4) {
+        match input.below(6) {
+            0 => pax.push(("SCHILY.xattr.user.x".into(), input.string(20))),
+            1 => pax.push(("SCHILY.xattr.trusted.overlay.opaque".into(), b"y".to_vec())),
+            2 => pax.push(("SCHILY.xattr.security.capability".into(), input.string(30))),
+            3 => pax.push(("mtime".into(), input.string(24))),
+            4 => pax.push((String::from_utf8_lossy(&input.string(16)).into_owned(), input.string(16))),
+            _ => pax.push(("SCHILY.xattr.".into(), vec![])),
+        }
+    }
+    h.set_cksum();
+    if !pax.is_empty() {
+        let _ = b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+    }
+    let _ = b.append(&h, &size_data[..]);
+}
+
+fn layer_tar(input: &mut Input) -> Vec<u8> {
+    if input.below(4) == 0 {
+        return input.string(4096);
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    for _ in 0..input.below(24) {
+        entry(input, &mut b);
+    }
+    b.into_inner().expect("writing to memory")
+}
+
+fn compress(tar: &[u8], c: Compression) -> Vec<u8> {
+    match c {
+        Compression::None => tar.to_vec(),
+        Compression::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(tar).expect("writing to memory");
+            e.finish().expect("writing to memory")
+        }
+        Compression::Zstd => zstd::encode_all(tar, 1).expect("writing to memory"),
+    }
+}
+
+/// The layers the input describes, stored one after another in
+/// `dir/archive` (after some leading bytes, as in a docker-archive).
+pub fn build_layers(input: &mut Input, dir: &Path) -> Vec<Layer> {
+    let path = dir.join("archive");
+    let mut all = b"leading bytes".to_vec();
+    let mut layers = Vec::new();
+    for index in 0..=input.below(4) as usize {
+        let compression = [Compression::None, Compression::None, Compression::Gzip, Compression::Zstd][input.below(4) as usize];
+        let right_diff_id = input.below(16) != 0;
+        let tar = layer_tar(input);
+        let stored = compress(&tar, compression);
+        let diff_id = if right_diff_id { sha(&tar) } else { sha(b"something else") };
+        layers.push(Layer {
+            index,
+            blob: BlobRef { file: path.clone(), offset: all.len() as u64, length: stored.len() as u64 },
+            blob_digest: sha(&stored),
+            diff_id,
+            compression,
+            name: format!("l{index}/layer.tar"),
+            stored_identity: FileId { dev: 0, ino: 0, size: 0, mtime_ns: 0, ctime_ns: 0 },
+        });
+        all.extend_from_slice(&stored);
+    }
+    std::fs::write(&path, all).expect("writing the test archive");
+    let identity = FileId::of_path(&path).expect("stat of the test archive");
+    layers.iter_mut().for_each(|l| l.stored_identity = identity.clone());
+    layers
+}
+
+pub fn run(data: &[u8]) {
+    let mut input = Input::new(data);
+    let use_cache = input.below(4) == 0;
+    let dir = super::temp_dir();
+    let layers = build_layers(&mut input, dir.path());
+    let spool_dir = dir.path().join("spool");
+    std::fs::create_dir(&spool_dir).expect("a spool directory");
+    let cache = use_cache.then(|| {
+        let location = Location { runasroot_cache: Some(dir.path().join("cache").display().to_string()), ..Location::default() };
+        Cache::open(&location).expect("a cache in a temporary directory")
+    });
+    let spool = Spool { cache: cache.as_ref(), temp_dir: &spool_dir };
+    let first = export_to_vec(&layers, spool);
+    assert_eq!(std::fs::read_dir(&spool_dir).expect("the spool directory").count(), 0, "spool files left behind");
+    let Ok(tar) = first else { return };
+    check_export(&tar);
+    // Again, now from the cache where there is one: the same bytes.
+    let again = export_to_vec(&layers, spool).expect("the same layers export again");
+    assert!(again == tar, "the same layers exported to different bytes");
+}
+
+pub fn export_to_vec(layers: &[Layer], spool: Spool<'_>) -> Result<Vec<u8>, ExportError> {
+    let mut out = Vec::new();
+    let opts = ExportOptions { clamp_mtime: None, spool };
+    match export(layers, &opts, &mut out) {
+        Ok(stats) => {
+            assert_eq!(stats.tar_bytes, out.len() as u64, "the export's byte count");
+            Ok(out)
+        }
+        Err(e) => {
+            // Every error can be shown.
+            assert!(!e.to_string().is_empty());
+            Err(e)
+        }
+    }
+}
+
+/// What an export must look like, whatever the layers were.
+pub fn check_export(tar: &[u8]) {
+    let mut archive = tar::Archive::new(tar);
+    let mut seen: BTreeSet<Vec<u8>> = BTreeSet::new();
+    let mut files: BTreeSet<Vec<u8>> = BTreeSet::new();
+    for entry in archive.entries().expect("the export is a tar") {
+        let mut e = entry.expect("every export entry reads");
+        let raw = e.path_bytes().into_owned();
+        let is_dir = e.header().entry_type() == tar::EntryType::Directory;
+        let name = raw.strip_suffix(b"/").unwrap_or(&raw).to_vec();
+        assert_eq!(raw.ends_with(b"/"), is_dir, "only directories end in /: {raw:?}");
+        assert!(!name.is_empty() && !name.starts_with(b"/"), "name {raw:?}");
+        for c in name.split(|&b| b == b'/') {
+            assert!(!c.is_empty() && c != b"." && c != b"..", "component {c:?} in {raw:?}");
+        }
+        if let Some(slash) = name.iter().rposition(|&b| b == b'/') {
+            assert!(seen.contains(&name[..slash]), "{raw:?} comes before its directory");
+        }
+        match e.header().entry_type() {
+            tar::EntryType::Link => {
+                let target = e.link_name_bytes().expect("a link has a target").into_owned();
+                assert!(files.contains(&target), "hard link {raw:?} to {target:?}, not an earlier file");
+            }
+            tar::EntryType::Regular => {
+                files.insert(name.clone());
+            }
+            _ => {}
+        }
+        assert!(seen.insert(name), "{raw:?} twice");
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).expect("file data reads");
+    }
+}
