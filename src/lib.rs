@@ -34,3 +34,4 @@ pub mod lower;
 pub mod machine;
 pub mod output;
 pub mod run;
+pub mod spool;

@@ -487,6 +487,63 @@ mod tests {
         assert_eq!(std::fs::read_dir(&temp).unwrap().count(), 0, "nothing spooled to the temp dir");
     }
 
+    /// A raw header block: `name`, typeflag, size, ustar magic.
+    fn raw_header(name: &str, ty: u8, size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_ustar();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.as_mut_bytes()[156] = ty;
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn a_huge_extension_header_is_refused_before_it_is_read() {
+        // Each of these would have the tar crate read 32 MiB into one Vec
+        // (a small part of what a gzip layer of a few MiB can claim).
+        for (ty, what) in [(b'x', "PAX extended header"), (b'L', "GNU long name"), (b'K', "GNU long link name")] {
+            let mut tar = raw_header("huge", ty, 32 << 20);
+            tar.extend(vec![b'a'; 32 << 20]);
+            tar.extend(raw_header("f", b'0', 0));
+            tar.extend(vec![0; 1024]);
+            let err = run(&[(tar, Compression::Gzip)], None).unwrap_err();
+            let ExportError::Layers(LayerError::ReadLayer { layer, source }) = &err else { panic!("{err}") };
+            assert_eq!(layer, "layer 0 (l0/layer.tar)");
+            assert_eq!(
+                source.to_string(),
+                format!(
+                    "the tar header at byte 0 is a {what} of 33554432 bytes, more than the 1048576 runasroot reads \
+                     (Go's archive/tar, which writes image layers, refuses them too)"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn the_merge_stops_at_its_memory_budget() {
+        // 3 layers of 100 entries, each entry costing ENTRY_COST plus its
+        // name: a budget for 250 entries stops in the third layer.
+        let tars: Vec<(Vec<u8>, Compression)> = (0..3)
+            .map(|l| {
+                let entries: Vec<T> = (0..100)
+                    .map(|i| file(Box::leak(format!("l{l}/f{i:03}").into_boxed_str()), ""))
+                    .collect();
+                (tar_of(&entries), Compression::None)
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let ls = layers(dir.path(), &tars);
+        let spool = Spool { cache: None, temp_dir: dir.path() };
+        let per_entry = crate::layers::ENTRY_COST + "l0/f000".len() as u64;
+        let err = crate::layers::index_within(&ls, spool, 250 * per_entry).unwrap_err();
+        let LayerError::TooMuchMetadata { layer, limit, .. } = &err else { panic!("{err}") };
+        assert_eq!((layer.as_str(), *limit), ("layer 2 (l2/layer.tar)", 250 * per_entry));
+        assert!(err.to_string().contains("more than the 51750 bytes of memory runasroot gives the merge"), "{err}");
+        // The same layers within the real budget.
+        assert_eq!(crate::layers::index(&ls, spool).unwrap().stats.layers, 3);
+    }
+
     #[test]
     fn many_layers_merge_in_order() {
         // 130 layers each replacing /f and adding /dN: the top /f wins

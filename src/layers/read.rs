@@ -17,15 +17,16 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use sha2::{Digest as _, Sha256};
 
 use super::guard::TarGuard;
 use super::tree::{normalize, Content, EntryKind, Inode, LayerTree, Meta};
-use super::{label, LayerError};
+use super::{label, LayerError, Shared, ENTRY_COST, MAX_METADATA_BYTES};
 use crate::cache::{self, Cache};
 use crate::image::{Compression, Digest, FileId, Layer};
+use crate::spool::{Full, Spooler};
 use runasroot_guest::tarfmt::MODE_BITS;
 use runasroot_guest::whiteout::{self, Name};
 
@@ -96,7 +97,7 @@ pub(crate) struct ReadLayer {
 }
 
 /// Reads layer `layer` (the `source`-th of the index) into a tree.
-pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &AtomicBool) -> Result<ReadLayer, LayerError> {
+pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, shared: &Shared) -> Result<ReadLayer, LayerError> {
     let label = label(layer);
     let open_err = |path: &Path, e| LayerError::OpenLayer { layer: label.clone(), path: path.to_path_buf(), source: e };
     let file = File::open(&layer.blob.file).map_err(|e| open_err(&layer.blob.file, e))?;
@@ -119,10 +120,10 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &At
             let reader = SkippingReader::new(&file, layer.blob.offset, layer.blob.length);
             let mut archive = tar::Archive::new(TarGuard::new(reader));
             let entries = archive.entries_with_seek().map_err(|e| read_error(&label, e))?;
-            index_entries(entries, source, &label, stop, TarKind::Layer)?
+            index_entries(entries, source, &label, shared, TarKind::Layer)?
         } else {
             let range = RangeReader { file: &file, pos: layer.blob.offset, end: layer.blob.offset.saturating_add(layer.blob.length) };
-            hash_and_parse(Box::new(range), None, layer, source, &label, stop)?.0
+            hash_and_parse(Box::new(range), None, layer, source, &label, shared)?.0
         };
         return stored(file, tree);
     }
@@ -130,7 +131,7 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &At
     if let Some(cache) = spool.cache {
         let cache_err = |e| LayerError::Cache { layer: label.clone(), dir: cache.dir().to_path_buf(), source: e };
         if let Some(entry) = cache.get(&layer.blob_digest).map_err(cache_err)? {
-            match read_cached(entry, layer, source, &label, stop)? {
+            match read_cached(entry, layer, source, &label, shared)? {
                 Ok(read) => return Ok(read),
                 Err(bad) => {
                     bad.discard().map_err(cache_err)?;
@@ -140,15 +141,15 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &At
         }
         match cache.make(&layer.blob_digest).map_err(cache_err)? {
             cache::Made::Existing(entry) => {
-                if let Ok(read) = read_cached(entry, layer, source, &label, stop)? {
+                if let Ok(read) = read_cached(entry, layer, source, &label, shared)? {
                     return Ok(read);
                 }
                 return Err(LayerError::CacheCorrupt { layer: label.clone(), dir: cache.dir().to_path_buf() });
             }
             cache::Made::New(mut pending) => {
                 let (tree, len) = {
-                    let out = BufWriter::with_capacity(BUF, &mut *pending.file());
-                    decompress(&file, layer, out, source, &label, stop, cache.dir())?
+                    let out = BufWriter::with_capacity(BUF, Spooler::new(&mut *pending.file(), cache.dir()));
+                    decompress(&file, layer, out, source, &label, shared, cache.dir())?
                 };
                 let entry = pending.commit(cache).map_err(cache_err)?;
                 let identity = FileId::of(&entry.file).map_err(|e| read_error(&label, e))?;
@@ -173,7 +174,8 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &At
         .tempfile_in(spool.temp_dir)
         .map_err(|e| spool_error(&label, spool.temp_dir, e))?;
     let (spooled, temp_path) = temp.into_parts();
-    let (tree, len) = decompress(&file, layer, BufWriter::with_capacity(BUF, &spooled), source, &label, stop, spool.temp_dir)?;
+    let out = BufWriter::with_capacity(BUF, Spooler::new(&spooled, spool.temp_dir));
+    let (tree, len) = decompress(&file, layer, out, source, &label, shared, spool.temp_dir)?;
     let identity = FileId::of(&spooled).map_err(|e| read_error(&label, e))?;
     let source = Source {
         file: spooled,
@@ -214,11 +216,11 @@ pub(crate) fn read_content_tar(path: &Path, source: u32, label: &str, temp_dir: 
         [0x28, 0xb5, 0x2f, 0xfd] => Compression::Zstd,
         _ => Compression::None,
     };
-    let never = AtomicBool::new(false);
+    let shared = Shared::new(MAX_METADATA_BYTES);
     if compression == Compression::None {
         let mut archive = tar::Archive::new(TarGuard::new(SkippingReader::new(&file, 0, len)));
         let entries = archive.entries_with_seek().map_err(|e| read_error(label, e))?;
-        let tree = index_entries(entries, source, label, &never, TarKind::Content)?;
+        let tree = index_entries(entries, source, label, &shared, TarKind::Content)?;
         return Ok(ContentTar { tree, data: path.to_path_buf(), spool: None });
     }
     let temp = tempfile::Builder::new()
@@ -232,14 +234,14 @@ pub(crate) fn read_content_tar(path: &Path, source: u32, label: &str, temp_dir: 
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(range)),
         _ => Box::new(zstd::stream::read::Decoder::with_buffer(range).map_err(|e| read_error(label, e))?),
     };
-    let mut out = BufWriter::with_capacity(BUF, &spooled);
+    let mut out = BufWriter::with_capacity(BUF, Spooler::new(&spooled, temp_dir));
     let mut tee = Tee { inner: decoded, hasher: Sha256::new(), len: 0, spool: Some(&mut out), spool_error: None };
     let parsed = {
         let mut archive = tar::Archive::new(TarGuard::new(BufReader::with_capacity(BUF, &mut tee)));
         archive
             .entries()
             .map_err(|e| read_error(label, e))
-            .and_then(|entries| index_entries(entries, source, label, &never, TarKind::Content))
+            .and_then(|entries| index_entries(entries, source, label, &shared, TarKind::Content))
     };
     if let Some(e) = tee.spool_error.take() {
         return Err(spool_error(label, temp_dir, e));
@@ -257,11 +259,11 @@ fn read_cached(
     layer: &Layer,
     source: u32,
     label: &str,
-    stop: &AtomicBool,
+    shared: &Shared,
 ) -> Result<Result<ReadLayer, cache::Entry>, LayerError> {
     let len = entry.file.metadata().map_err(|e| read_error(label, e))?.len();
     let range = RangeReader { file: &entry.file, pos: 0, end: len };
-    match hash_and_parse(Box::new(range), None, layer, source, label, stop) {
+    match hash_and_parse(Box::new(range), None, layer, source, label, shared) {
         Ok((tree, _)) => {
             let identity = FileId::of(&entry.file).map_err(|e| read_error(label, e))?;
             let file = entry.file.try_clone().map_err(|e| read_error(label, e))?;
@@ -292,7 +294,7 @@ fn decompress<W: Write>(
     out: BufWriter<W>,
     source: u32,
     label: &str,
-    stop: &AtomicBool,
+    shared: &Shared,
     spool_dir: &Path,
 ) -> Result<(LayerTree, u64), LayerError> {
     let range = RangeReader { file, pos: layer.blob.offset, end: layer.blob.offset.saturating_add(layer.blob.length) };
@@ -304,7 +306,7 @@ fn decompress<W: Write>(
         ),
     };
     let mut spool: Box<dyn Write + '_> = Box::new(out);
-    let (tree, len) = hash_and_parse(decoded, Some((&mut *spool, spool_dir)), layer, source, label, stop)?;
+    let (tree, len) = hash_and_parse(decoded, Some((&mut *spool, spool_dir)), layer, source, label, shared)?;
     spool.flush().map_err(|e| spool_error(label, spool_dir, e))?;
     Ok((tree, len))
 }
@@ -317,14 +319,14 @@ fn hash_and_parse(
     layer: &Layer,
     source: u32,
     label: &str,
-    stop: &AtomicBool,
+    shared: &Shared,
 ) -> Result<(LayerTree, u64), LayerError> {
     let (spool, spool_dir) = match spool {
         Some((w, d)) => (Some(w), Some(d)),
         None => (None, None),
     };
     let mut tee = Tee { inner: stream, hasher: Sha256::new(), len: 0, spool, spool_error: None };
-    let parsed = parse(&mut tee, source, label, stop);
+    let parsed = parse(&mut tee, source, label, shared);
     if let (Some(e), Some(dir)) = (tee.spool_error.take(), spool_dir) {
         return Err(spool_error(label, dir, e));
     }
@@ -337,7 +339,10 @@ fn hash_and_parse(
 }
 
 fn spool_error(label: &str, dir: &Path, source: io::Error) -> LayerError {
-    LayerError::Spool { layer: label.to_string(), dir: dir.to_path_buf(), source }
+    match Full::of(&source) {
+        Some(full) => LayerError::SpoolFull { layer: label.to_string(), full: full.clone() },
+        None => LayerError::Spool { layer: label.to_string(), dir: dir.to_path_buf(), source },
+    }
 }
 
 fn read_error(label: &str, source: io::Error) -> LayerError {
@@ -346,9 +351,9 @@ fn read_error(label: &str, source: io::Error) -> LayerError {
 
 /// Parses the tar on `stream` (to its very end: the digest covers the
 /// padding after the end-of-archive blocks too).
-fn parse(stream: &mut dyn Read, source: u32, label: &str, stop: &AtomicBool) -> Result<LayerTree, LayerError> {
+fn parse(stream: &mut dyn Read, source: u32, label: &str, shared: &Shared) -> Result<LayerTree, LayerError> {
     let mut archive = tar::Archive::new(TarGuard::new(BufReader::with_capacity(BUF, stream)));
-    let tree = index_entries(archive.entries().map_err(|e| read_error(label, e))?, source, label, stop, TarKind::Layer)?;
+    let tree = index_entries(archive.entries().map_err(|e| read_error(label, e))?, source, label, shared, TarKind::Layer)?;
     io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(|e| read_error(label, e))?;
     Ok(tree)
 }
@@ -367,20 +372,42 @@ fn index_entries<R: Read>(
     entries: tar::Entries<'_, R>,
     source: u32,
     label: &str,
-    stop: &AtomicBool,
+    shared: &Shared,
     kind: TarKind,
 ) -> Result<LayerTree, LayerError> {
     let mut tree = LayerTree::new();
     for (n, entry) in entries.enumerate() {
-        if n % STOP_CHECK_EVERY == 0 && stop.load(Ordering::Relaxed) {
+        if n % STOP_CHECK_EVERY == 0 && shared.stop.load(Ordering::Relaxed) {
             return Err(read_error(label, io::Error::other("stopped: another layer failed")));
         }
         let mut entry = entry.map_err(|e| read_error(label, e))?;
         if let Some((path, entry_kind)) = convert(&mut entry, source, label, kind)? {
+            if !shared.budget.charge(metadata_cost(&path, &entry_kind)) {
+                return Err(LayerError::TooMuchMetadata {
+                    layer: label.to_string(),
+                    entry: String::from_utf8_lossy(&path).into_owned(),
+                    limit: shared.budget.limit,
+                });
+            }
             tree.insert(&path, entry_kind, label)?;
         }
     }
     Ok(tree)
+}
+
+/// What an entry costs the merge's memory: [`ENTRY_COST`] and the bytes
+/// it keeps (name, link target, xattrs).
+fn metadata_cost(path: &[u8], kind: &EntryKind) -> u64 {
+    let xattrs = |m: &Meta| m.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+    let bytes = match kind {
+        EntryKind::Dir(m) => xattrs(m),
+        EntryKind::Node(Inode { content, meta }) => {
+            xattrs(meta) + if let Content::Symlink(t) = content { t.len() } else { 0 }
+        }
+        EntryKind::Hardlink(target) => target.len(),
+        EntryKind::Marker => 0,
+    };
+    ENTRY_COST + (path.len() + bytes) as u64
 }
 
 /// What a tar entry says, as a normalised path and an [`EntryKind`];
