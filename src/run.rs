@@ -37,6 +37,11 @@ const MIN_DISK_MIB: u64 = 16;
 const MAX_CPUS: u64 = 32;
 /// Console lines kept for error reports.
 const CONSOLE_TAIL: usize = 40;
+/// Longest console line kept: the guest writes the console, and a line
+/// without end must not fill the host's memory (the kernel's own lines
+/// are at most 1 KiB, `PRINTK_MESSAGE_MAX`). The rest of a longer line
+/// is dropped, and the line says how much.
+const CONSOLE_LINE_MAX: usize = 64 << 10;
 
 /// Errors of a run, each naming what failed and the fix where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -193,23 +198,31 @@ impl Ui {
 struct Console<'a> {
     ui: &'a Ui,
     partial: Vec<u8>,
+    /// Bytes of the current line dropped past [`CONSOLE_LINE_MAX`].
+    dropped: u64,
     tail: VecDeque<String>,
     panic_line: Option<String>,
 }
 
 impl<'a> Console<'a> {
     fn new(ui: &'a Ui) -> Console<'a> {
-        Console { ui, partial: Vec::new(), tail: VecDeque::new(), panic_line: None }
+        Console { ui, partial: Vec::new(), dropped: 0, tail: VecDeque::new(), panic_line: None }
     }
 
     fn feed(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if b == b'\n' {
-                let line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
+                let mut line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
+                if self.dropped > 0 {
+                    line.push_str(&format!(" [{} more bytes dropped]", self.dropped));
+                }
                 self.partial.clear();
+                self.dropped = 0;
                 self.line(line);
-            } else {
+            } else if self.partial.len() < CONSOLE_LINE_MAX {
                 self.partial.push(b);
+            } else {
+                self.dropped += 1;
             }
         }
     }
@@ -793,5 +806,22 @@ mod tests {
         assert_eq!(c.tail.iter().cloned().collect::<Vec<_>>(), vec!["[ 0.1] boot", "@rar phase mount", "@rar out hello", "Kernel panic - not syncing: x"]);
         assert_eq!(c.panic_line.as_deref(), Some("Kernel panic - not syncing: x"));
         assert_eq!(c.partial, b"partial");
+    }
+
+    #[test]
+    fn a_console_line_without_end_is_cut_not_kept() {
+        let ui = Ui { verbose: false, quiet: true, progress: None, started: Instant::now() };
+        let mut c = Console::new(&ui);
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..64 {
+            c.feed(&chunk);
+            assert!(c.partial.len() <= CONSOLE_LINE_MAX, "{} bytes held", c.partial.len());
+        }
+        c.feed(b"\nnext\n");
+        let lines: Vec<&String> = c.tail.iter().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].len(), CONSOLE_LINE_MAX + " [67043328 more bytes dropped]".len());
+        assert!(lines[0].ends_with(" [67043328 more bytes dropped]"), "{}", &lines[0][CONSOLE_LINE_MAX - 10..]);
+        assert_eq!(lines[1], "next");
     }
 }
