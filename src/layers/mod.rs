@@ -38,11 +38,12 @@ const MAX_READERS: usize = 8;
 /// image: the trees keep every entry's name, link target and xattrs, and
 /// a small structure per entry ([`ENTRY_COST`]), while a layer can list
 /// entries without end (a gzip layer of 4 MiB holds millions). A base of
-/// a million files takes ~250 MiB.
-pub const MAX_METADATA_BYTES: u64 = 2 << 30;
-/// What one entry costs the trees besides its bytes: its place in its
-/// directory's map, its inode and metadata, in the layer's tree and in
-/// the merged one (about 200 bytes, measured on a million entries).
+/// a million files takes ~200 MiB of it; a run's peak memory is about
+/// twice what it holds (the lower image's tree and layout come on top).
+pub const MAX_METADATA_BYTES: u64 = 1 << 30;
+/// What one entry costs the merge besides its bytes: its place in its
+/// directory's map, its inode and metadata (measured: ~160 bytes an entry
+/// over a million entries, names aside).
 pub const ENTRY_COST: u64 = 200;
 
 /// Why reading or merging the layers failed. `layer` reads like
