@@ -545,6 +545,20 @@ mod tests {
     }
 
     #[test]
+    fn the_deepest_path_linux_holds_merges_and_exports_on_a_small_stack() {
+        // 2048 components, 4095 bytes: PATH_MAX bounds the depth of every
+        // recursion over the trees (merge, walk, drop); one more byte is
+        // refused. Test threads have 2 MiB stacks, as the layer readers.
+        let deep: &'static str = Box::leak(("a/".repeat(2047) + "f").into_boxed_str());
+        let (out, stats) = run(&[(tar_of(&[file(deep, "x")]), Compression::Gzip)], None).unwrap();
+        assert_eq!(stats.entries, 2048);
+        assert_eq!(listing(&out).last().unwrap(), &format!("{deep} Regular 644 0 1000 1 [path={deep}] \"x\""));
+        let deeper: &'static str = Box::leak(("a/".repeat(2047) + "fg").into_boxed_str());
+        let err = run(&[(tar_of(&[file(deeper, "x")]), Compression::None)], None).unwrap_err();
+        assert!(err.to_string().ends_with("the path is longer than 4095 bytes"), "{err}");
+    }
+
+    #[test]
     fn many_layers_merge_in_order() {
         // 130 layers each replacing /f and adding /dN: the top /f wins
         // whatever order the parallel readers finish in.
