@@ -34,10 +34,14 @@ use super::store::{read_head, Store};
 use super::{digest, BlobRef, Digest, FileId, ImageError, Layer};
 use crate::spool::{Full, Spooler};
 
-/// Largest `index.json`, `manifest.json` or OCI manifest/index blob.
-const MAX_MANIFEST_BYTES: u64 = 16 << 20;
-/// Largest image config (history of a 1000-layer image is ~1 MiB).
-const MAX_CONFIG_BYTES: u64 = 32 << 20;
+/// Largest `index.json`, `manifest.json` or OCI manifest/index blob: a
+/// 500-layer manifest is ~100 KiB. Parsed, JSON can take 36 times its
+/// size in memory (measured: 32 MiB of `[0,0,…]` became 1.1 GiB of
+/// `serde_json::Value`s), so this bounds ~150 MiB.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Largest image config: the history of a 500-layer image is ~500 KiB.
+/// Parsed, ~300 MiB at most (see [`MAX_MANIFEST_BYTES`]).
+const MAX_CONFIG_BYTES: u64 = 8 << 20;
 /// Largest `oci-layout` file (it holds one short field).
 const MAX_LAYOUT_BYTES: u64 = 64 << 10;
 /// Nesting of image indexes followed (buildx writes one level).
@@ -926,8 +930,9 @@ mod tests {
     }
 
     /// A legacy docker-archive whose manifest lists the one layer tar
-    /// `count` times (a layer may repeat), and a config to match.
-    fn repeated_layer_archive(count: usize) -> tempfile::NamedTempFile {
+    /// `count` times (a layer may repeat), and a config to match, padded
+    /// with a label to at least `config_len` bytes.
+    fn repeated_layer_archive(count: usize, config_len: usize) -> tempfile::NamedTempFile {
         let layer = {
             let mut b = tar::Builder::new(Vec::new());
             let mut h = tar::Header::new_ustar();
@@ -937,10 +942,15 @@ mod tests {
             b.into_inner().unwrap()
         };
         let diff_id = digest::sha256_bytes(&layer);
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "architecture": "amd64", "os": "linux",
             "rootfs": {"type": "layers", "diff_ids": vec![diff_id.to_string(); count]},
         });
+        let short = serde_json::to_vec(&config).unwrap().len();
+        if config_len > short {
+            // `,"config":{"Labels":{"pad":"…"}}` is 31 bytes and the pad.
+            config["config"] = serde_json::json!({"Labels": {"pad": "p".repeat(config_len.saturating_sub(short + 31))}});
+        }
         let manifest = serde_json::json!([{"Config": "c.json", "Layers": vec!["l/layer.tar"; count]}]);
         let mut b = tar::Builder::new(Vec::new());
         for (name, bytes) in [
@@ -961,15 +971,30 @@ mod tests {
     #[test]
     fn an_image_of_more_layers_than_any_runtime_stacks_is_refused() {
         let opts = OpenOptions { temp_dir: std::env::temp_dir(), ..Default::default() };
-        let at_limit = repeated_layer_archive(MAX_LAYERS);
+        let at_limit = repeated_layer_archive(MAX_LAYERS, 0);
         assert_eq!(open(at_limit.path().to_str().unwrap(), &opts).unwrap().layers.len(), MAX_LAYERS);
-        let over = repeated_layer_archive(MAX_LAYERS + 1);
+        let over = repeated_layer_archive(MAX_LAYERS + 1, 0);
         let err = open(over.path().to_str().unwrap(), &opts).unwrap_err();
         assert!(matches!(err, ImageError::TooManyLayers { count: 501, limit: 500, .. }), "{err}");
         assert!(err.to_string().ends_with(
             "manifest.json lists 501 layers, more than the 500 runasroot reads (no container runtime stacks more; \
              squash the image, e.g. with a multi-stage build)"
         ), "{err}");
+    }
+
+    #[test]
+    fn a_config_larger_than_its_bound_is_refused_unread() {
+        let opts = OpenOptions { temp_dir: std::env::temp_dir(), ..Default::default() };
+        let limit = MAX_CONFIG_BYTES as usize;
+        let at_limit = repeated_layer_archive(1, limit);
+        let img = open(at_limit.path().to_str().unwrap(), &opts).unwrap();
+        assert_eq!(img.config_bytes.len(), limit);
+        let over = repeated_layer_archive(1, limit + 1);
+        let err = open(over.path().to_str().unwrap(), &opts).unwrap_err();
+        assert!(
+            err.to_string().ends_with(": c.json is 8388609 bytes, more than the 8388608 allowed for image metadata"),
+            "{err}"
+        );
     }
 
     #[test]
