@@ -129,8 +129,9 @@ fn write_tar(members: &[Member], out: impl Write) -> std::io::Result<()> {
             let n = m.content.len().min(100);
             h.as_old_mut().linkname[..n].copy_from_slice(&m.content[..n]);
         }
-        let name = if m.name.is_empty() { b"x".as_slice() } else { &m.name };
-        b.append_data(&mut h, String::from_utf8_lossy(name).as_ref(), data)?;
+        // A tar name cannot hold NUL (it ends the field).
+        let name: Vec<u8> = if m.name.is_empty() { b"x".to_vec() } else { m.name.iter().map(|&b| if b == 0 { b'_' } else { b }).collect() };
+        b.append_data(&mut h, String::from_utf8_lossy(&name).as_ref(), data)?;
     }
     b.finish()
 }
