@@ -254,8 +254,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         m("manifest.json", br#"[{"Config":"c.json","RepoTags":["b:2"],"Layers":["l/layer.tar"]}]"#),
     ];
     // The layer's diff_id is the uncompressed tar's digest: member 5.
-    let oci_config = config.to_vec().iter().copied().collect::<Vec<u8>>();
-    let oci_config = String::from_utf8(oci_config).unwrap().replace("@0@", "@5@").into_bytes();
+    let oci_config = String::from_utf8(config.to_vec()).unwrap().replace("@0@", "@5@").into_bytes();
     let oci = vec![
         m("blobs/sha256/%0%", &gz),
         m("blobs/sha256/%1%", &oci_config),

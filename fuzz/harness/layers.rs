@@ -57,7 +57,7 @@ fn path(input: &mut Input) -> Vec<u8> {
 /// One entry described by the input, appended to `b`.
 fn entry(input: &mut Input, b: &mut tar::Builder<Vec<u8>>) {
     let (ty, size_data): (u8, Vec<u8>) = match input.below(12) {
-        0 | 1 | 2 => (b'0', input.string(700)),
+        0..=2 => (b'0', input.string(700)),
         3 => (b'5', vec![]),
         4 => (b'2', vec![]),
         5 => (b'1', vec![]),

@@ -89,7 +89,7 @@ pub fn run(data: &[u8]) {
                 let bytes = input.string(64);
                 let _ = mem.write_slice(&bytes, GuestAddress(at));
             }
-            4 | 5 | 6 => {
+            4..=6 => {
                 request(&mem, &mut input, &mut rings, mem_size as u64);
                 dev.write(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), &0u32.to_le_bytes());
             }
