@@ -124,14 +124,21 @@ fn write_tar(members: &[Member], out: impl Write) -> std::io::Result<()> {
         };
         h.set_entry_type(ty);
         h.set_size(data.len() as u64);
+        // Names and link targets raw (absolute, `..`, anything), as a
+        // hostile archive has them; a tar field cannot hold NUL (it ends
+        // the field), and a long name goes in a PAX record.
+        let name: Vec<u8> = if m.name.is_empty() { b"x".to_vec() } else { m.name.iter().map(|&b| if b == 0 { b'_' } else { b }).collect() };
+        let n = name.len().min(100);
+        h.as_old_mut().name[..n].copy_from_slice(&name[..n]);
+        if name.len() > 100 {
+            b.append_pax_extensions([("path", name.as_slice())])?;
+        }
         if m.kind == 1 || m.kind == 2 {
-            // Raw, as a hostile archive would have it.
             let n = m.content.len().min(100);
             h.as_old_mut().linkname[..n].copy_from_slice(&m.content[..n]);
         }
-        // A tar name cannot hold NUL (it ends the field).
-        let name: Vec<u8> = if m.name.is_empty() { b"x".to_vec() } else { m.name.iter().map(|&b| if b == 0 { b'_' } else { b }).collect() };
-        b.append_data(&mut h, String::from_utf8_lossy(&name).as_ref(), data)?;
+        h.set_cksum();
+        b.append(&h, data)?;
     }
     b.finish()
 }
