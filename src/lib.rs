@@ -18,7 +18,8 @@
 //!
 //! [`export`] writes the same merge as one tar on the host, no VM at all.
 //! [`closure`] reads the Nix store paths `--copy-closure` adds (the Nix
-//! library in `nix/default.nix` drives the CLI).
+//! library in `nix/default.nix` drives the CLI). [`spool`] writes what is
+//! decompressed without filling the disk.
 
 pub mod assets;
 pub mod cache;
