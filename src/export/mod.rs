@@ -521,6 +521,79 @@ mod tests {
     }
 
     #[test]
+    fn pax_values_hold_newlines() {
+        // Found by looking at what the layers fuzz target reached: the tar
+        // crate splits PAX records at newlines, so a layer was refused for
+        // a capability xattr holding byte 0x0a (cap_dac_override +
+        // cap_fowner), and bytes after a newline could pass for a record
+        // of their own (a `path` inside an xattr value).
+        let cap = [1u8, 0, 0, 2, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let layer = tar_of(&[
+            file("bin/ping", "p").pax("SCHILY.xattr.security.capability", &cap),
+            file("plain", "x").pax("SCHILY.xattr.user.note", b"a\n10 path=evil\n"),
+            file("x", "n").pax("path", b"new\nline"),
+        ]);
+        let (out, _) = run(&[(layer, Compression::Gzip)], None).unwrap();
+        // The export writes the records by the same rules; read it back
+        // with the layer reader, as the next run on this image would.
+        let dir = tempfile::tempdir().unwrap();
+        let back = crate::layers::index(&layers(dir.path(), &[(out, Compression::None)]), Spool { cache: None, temp_dir: dir.path() })
+            .unwrap();
+        let mut seen = Vec::new();
+        back.merged
+            .walk::<()>(None, &mut |entry, _| {
+                seen.push((String::from_utf8_lossy(&entry.path).into_owned(), entry.xattrs.clone()));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                ("bin".to_string(), vec![]),
+                ("bin/ping".to_string(), vec![(b"security.capability".to_vec(), cap.to_vec())]),
+                ("new\nline".to_string(), vec![]),
+                ("plain".to_string(), vec![(b"user.note".to_vec(), b"a\n10 path=evil\n".to_vec())]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_pax_size_the_tar_reader_cannot_follow_is_refused() {
+        // Go writes a file past 8 GiB with size 0 in its header and a PAX
+        // `size` (records sorted: an xattr first). Where that xattr holds
+        // a newline, the tar crate's parse stops before `size` and reads
+        // the data as headers: refused, rather than read wrong.
+        let records = [
+            tarfmt_record("SCHILY.xattr.user.a", b"x\ny"),
+            tarfmt_record("size", b"3"),
+        ]
+        .concat();
+        let mut tar = raw_header("pax", b'x', records.len() as u64);
+        tar.extend(&records);
+        tar.resize(tar.len().next_multiple_of(512), 0);
+        tar.extend(raw_header("big", b'0', 0));
+        tar.extend(b"abc");
+        tar.resize(tar.len().next_multiple_of(512), 0);
+        tar.extend(vec![0; 1024]);
+        let err = run(&[(tar, Compression::None)], None).unwrap_err();
+        assert_eq!(
+            format!("{err}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default()),
+            "layer 0 (l0/layer.tar): entry \"big\": invalid header field size: \
+             the PAX size record is not the size the tar reader followed"
+        );
+    }
+
+    /// One PAX record, `LEN KEY=VALUE\n`.
+    fn tarfmt_record(key: &str, value: &[u8]) -> Vec<u8> {
+        let body = [b" ", key.as_bytes(), b"=", value, b"\n"].concat();
+        let mut len = body.len() + 1;
+        while format!("{len}").len() + body.len() != len {
+            len += 1;
+        }
+        [format!("{len}").into_bytes(), body].concat()
+    }
+
+    #[test]
     fn the_merge_stops_at_its_memory_budget() {
         // 3 layers of 100 entries, each entry costing ENTRY_COST plus its
         // name: a budget for 250 entries stops in the third layer.

@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{BlobRef, ImageError};
-use crate::layers::TarGuard;
+use crate::layers::{pax, TarGuard};
 
 /// Most members an image archive may hold: a 1000-layer legacy archive
 /// has ~4000; this only stops a hostile archive from filling memory.
@@ -93,7 +93,9 @@ impl Store {
         let file = File::open(path).map_err(|source| ImageError::Open { path: path.to_path_buf(), source })?;
         // The guard bounds the long names and PAX headers the tar crate
         // would read whole into memory.
-        let mut archive = tar::Archive::new(TarGuard::new(file));
+        let guard = TarGuard::new(file);
+        let last = guard.last_entry();
+        let mut archive = tar::Archive::new(guard);
         let mut members = HashMap::new();
         let mut name_bytes = 0usize;
         for entry in archive.entries_with_seek().map_err(err)? {
@@ -101,18 +103,21 @@ impl Store {
             if members.len() >= MAX_MEMBERS {
                 return Err(ImageError::TooManyMembers { path: path.to_path_buf(), limit: MAX_MEMBERS });
             }
-            let raw = entry.path_bytes();
+            // Names as Go's archive/tar reads them (the PAX records by
+            // their lengths; the tar crate splits them at newlines).
+            let ext = last.take().ok_or_else(|| err(std::io::Error::other("a member the tar guard did not see")))?;
+            let records = match &ext.pax {
+                Some(data) => pax::records(data).map_err(|reason| err(std::io::Error::other(reason)))?,
+                None => Vec::new(),
+            };
+            pax::check_size(&entry, &ext, &records).map_err(|reason| err(std::io::Error::other(reason)))?;
+            let raw = pax::path(&entry, &ext, &records);
             let Some(name) = std::str::from_utf8(&raw).ok().and_then(clean_path) else {
                 // An image never names such a member, so it can never be
                 // reached; skip rather than fail on junk we do not use.
                 continue;
             };
-            let link = || {
-                entry
-                    .link_name_bytes()
-                    .map(|l| String::from_utf8_lossy(&l).into_owned())
-                    .unwrap_or_default()
-            };
+            let link = || String::from_utf8_lossy(&pax::link(&entry, &ext, &records)).into_owned();
             let member = match entry.header().entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
                     Member::File { offset: entry.raw_file_position(), size: entry.size() }

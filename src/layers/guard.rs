@@ -18,9 +18,15 @@
 //! the guard never lets the crate read a header it has not checked.
 //!
 //! The guard changes nothing else: a tar it passes reads exactly as it
-//! does without it (the `tar_guard` fuzz target compares the two).
+//! does without it (the `tar_guard` fuzz target compares the two). It
+//! also keeps what the stream said about the entry the crate returned
+//! last ([`Extensions`]: its header block, PAX records and GNU long
+//! names as they were), so that readers decode those themselves
+//! (`super::pax`: the crate's PAX parser splits records at newlines).
 
+use std::cell::RefCell;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::rc::Rc;
 
 /// Most bytes one extension header (PAX `x`/`g`, GNU `L`/`K`) may hold,
 /// and most bytes of GNU sparse extension blocks one entry may have.
@@ -74,6 +80,36 @@ impl<R> TarGuard<R> {
 
     pub fn into_inner(self) -> R {
         self.inner
+    }
+
+    /// Where the guard puts what the stream said about each entry, for
+    /// the reader iterating the crate's entries to take after each one.
+    pub fn last_entry(&self) -> LastEntry {
+        self.walk.last.clone()
+    }
+}
+
+/// An entry's header and extensions, as they were in the stream.
+#[derive(Debug, Clone)]
+pub struct Extensions {
+    /// The header block itself (the crate rewrites uid, gid and size in
+    /// its copy from PAX records it parsed its own way).
+    pub header: tar::Header,
+    /// The PAX records (`x`) before it, raw.
+    pub pax: Option<Vec<u8>>,
+    /// Whether a GNU long name (`L`), long link (`K`) came before it.
+    pub long_name: bool,
+    pub long_link: bool,
+}
+
+/// The [`Extensions`] of the entry the crate returned last; taken by the
+/// reader after each entry.
+#[derive(Debug, Clone, Default)]
+pub struct LastEntry(Rc<RefCell<Option<Extensions>>>);
+
+impl LastEntry {
+    pub fn take(&self) -> Option<Extensions> {
+        self.0.borrow_mut().take()
     }
 }
 
@@ -138,11 +174,20 @@ struct Walk {
     expect: Expect,
     /// A complete PAX header's records, for the next entry (its `size`).
     pending_pax: Option<Vec<u8>>,
+    /// GNU long name and link headers seen for the next entry.
+    pending_long: (bool, bool),
+    last: LastEntry,
 }
 
 impl Default for Walk {
     fn default() -> Walk {
-        Walk { pos: 0, expect: Expect::Header(Gather::new(0, BLOCK as usize)), pending_pax: None }
+        Walk {
+            pos: 0,
+            expect: Expect::Header(Gather::new(0, BLOCK as usize)),
+            pending_pax: None,
+            pending_long: (false, false),
+            last: LastEntry::default(),
+        }
     }
 }
 
@@ -258,10 +303,17 @@ impl Walk {
             .and_then(|s| data.checked_add(s))
             .ok_or(GuardError::SizeOverflow { at })?;
         // The crate collects recognised `x`, `L`, `K` for the entry that
-        // follows; any other header is that entry and uses up the PAX.
+        // follows; any other header is that entry and uses them up.
         let continued = recognised && matches!(ty.as_byte(), b'x' | b'L' | b'K');
-        if !continued {
-            self.pending_pax = None;
+        match (continued, ty.as_byte()) {
+            (true, b'L') => self.pending_long.0 = true,
+            (true, b'K') => self.pending_long.1 = true,
+            (true, _) => {}
+            (false, _) => {
+                let (long_name, long_link) = std::mem::take(&mut self.pending_long);
+                let pax = self.pending_pax.take();
+                *self.last.0.borrow_mut() = Some(Extensions { header: header.clone(), pax, long_name, long_link });
+            }
         }
         if recognised && ty.is_pax_local_extensions() {
             if size == 0 {

@@ -13,6 +13,7 @@
 //! holds paths, metadata and data offsets, never data.
 
 pub mod guard;
+pub(crate) mod pax;
 pub(crate) mod read;
 pub(crate) mod tree;
 

@@ -21,7 +21,8 @@ use std::sync::atomic::Ordering;
 
 use sha2::{Digest as _, Sha256};
 
-use super::guard::TarGuard;
+use super::guard::{Extensions, LastEntry, TarGuard};
+use super::pax;
 use super::tree::{normalize, Content, EntryKind, Inode, LayerTree, Meta};
 use super::{label, LayerError, Shared, ENTRY_COST, MAX_METADATA_BYTES};
 use crate::cache::{self, Cache};
@@ -118,9 +119,11 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, shared: &
     if layer.compression == Compression::None {
         let tree = if layer.blob_digest == layer.diff_id {
             let reader = SkippingReader::new(&file, layer.blob.offset, layer.blob.length);
-            let mut archive = tar::Archive::new(TarGuard::new(reader));
+            let guard = TarGuard::new(reader);
+            let last = guard.last_entry();
+            let mut archive = tar::Archive::new(guard);
             let entries = archive.entries_with_seek().map_err(|e| read_error(&label, e))?;
-            index_entries(entries, source, &label, shared, TarKind::Layer)?
+            index_entries(entries, &last, source, &label, shared, TarKind::Layer)?
         } else {
             let range = RangeReader { file: &file, pos: layer.blob.offset, end: layer.blob.offset.saturating_add(layer.blob.length) };
             hash_and_parse(Box::new(range), None, layer, source, &label, shared)?.0
@@ -218,9 +221,11 @@ pub(crate) fn read_content_tar(path: &Path, source: u32, label: &str, temp_dir: 
     };
     let shared = Shared::new(MAX_METADATA_BYTES);
     if compression == Compression::None {
-        let mut archive = tar::Archive::new(TarGuard::new(SkippingReader::new(&file, 0, len)));
+        let guard = TarGuard::new(SkippingReader::new(&file, 0, len));
+        let last = guard.last_entry();
+        let mut archive = tar::Archive::new(guard);
         let entries = archive.entries_with_seek().map_err(|e| read_error(label, e))?;
-        let tree = index_entries(entries, source, label, &shared, TarKind::Content)?;
+        let tree = index_entries(entries, &last, source, label, &shared, TarKind::Content)?;
         return Ok(ContentTar { tree, data: path.to_path_buf(), spool: None });
     }
     let temp = tempfile::Builder::new()
@@ -237,11 +242,13 @@ pub(crate) fn read_content_tar(path: &Path, source: u32, label: &str, temp_dir: 
     let mut out = BufWriter::with_capacity(BUF, Spooler::new(&spooled, temp_dir));
     let mut tee = Tee { inner: decoded, hasher: Sha256::new(), len: 0, spool: Some(&mut out), spool_error: None };
     let parsed = {
-        let mut archive = tar::Archive::new(TarGuard::new(BufReader::with_capacity(BUF, &mut tee)));
+        let guard = TarGuard::new(BufReader::with_capacity(BUF, &mut tee));
+        let last = guard.last_entry();
+        let mut archive = tar::Archive::new(guard);
         archive
             .entries()
             .map_err(|e| read_error(label, e))
-            .and_then(|entries| index_entries(entries, source, label, &shared, TarKind::Content))
+            .and_then(|entries| index_entries(entries, &last, source, label, &shared, TarKind::Content))
     };
     if let Some(e) = tee.spool_error.take() {
         return Err(spool_error(label, temp_dir, e));
@@ -352,8 +359,10 @@ fn read_error(label: &str, source: io::Error) -> LayerError {
 /// Parses the tar on `stream` (to its very end: the digest covers the
 /// padding after the end-of-archive blocks too).
 fn parse(stream: &mut dyn Read, source: u32, label: &str, shared: &Shared) -> Result<LayerTree, LayerError> {
-    let mut archive = tar::Archive::new(TarGuard::new(BufReader::with_capacity(BUF, stream)));
-    let tree = index_entries(archive.entries().map_err(|e| read_error(label, e))?, source, label, shared, TarKind::Layer)?;
+    let guard = TarGuard::new(BufReader::with_capacity(BUF, stream));
+    let last = guard.last_entry();
+    let mut archive = tar::Archive::new(guard);
+    let tree = index_entries(archive.entries().map_err(|e| read_error(label, e))?, &last, source, label, shared, TarKind::Layer)?;
     io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(|e| read_error(label, e))?;
     Ok(tree)
 }
@@ -370,6 +379,7 @@ enum TarKind {
 
 fn index_entries<R: Read>(
     entries: tar::Entries<'_, R>,
+    last: &LastEntry,
     source: u32,
     label: &str,
     shared: &Shared,
@@ -381,7 +391,9 @@ fn index_entries<R: Read>(
             return Err(read_error(label, io::Error::other("stopped: another layer failed")));
         }
         let mut entry = entry.map_err(|e| read_error(label, e))?;
-        if let Some((path, entry_kind)) = convert(&mut entry, source, label, kind)? {
+        // The guard saw the header of every entry the crate returns.
+        let ext = last.take().ok_or_else(|| read_error(label, io::Error::other("an entry the tar guard did not see")))?;
+        if let Some((path, entry_kind)) = convert(&mut entry, ext, source, label, kind)? {
             if !shared.budget.charge(metadata_cost(&path, &entry_kind)) {
                 return Err(LayerError::TooMuchMetadata {
                     layer: label.to_string(),
@@ -411,21 +423,32 @@ fn metadata_cost(path: &[u8], kind: &EntryKind) -> u64 {
 }
 
 /// What a tar entry says, as a normalised path and an [`EntryKind`];
-/// `None` for entries that describe no file (PAX global headers).
+/// `None` for entries that describe no file (PAX global headers). The
+/// names, ids and PAX records come from `ext`, the header and records as
+/// they were in the stream ([`pax`](super::pax) says why); the crate
+/// gives where the data are and how long, checked against them.
 fn convert<R: Read>(
     entry: &mut tar::Entry<'_, R>,
+    ext: Extensions,
     source: u32,
     label: &str,
     tar_kind: TarKind,
 ) -> Result<Option<(Vec<u8>, EntryKind)>, LayerError> {
-    let raw = entry.path_bytes().into_owned();
-    let name = || String::from_utf8_lossy(&raw).into_owned();
-    let bad_path = |reason| LayerError::BadPath { layer: label.to_string(), entry: name(), reason };
-    let header = entry.header().clone();
+    let header = ext.header.clone();
     let entry_type = header.entry_type();
     if entry_type.is_pax_global_extensions() {
         return Ok(None);
     }
+    let records = match &ext.pax {
+        Some(data) => pax::records(data),
+        None => Ok(Vec::new()),
+    };
+    let raw = pax::path(entry, &ext, records.as_deref().unwrap_or_default());
+    let name = || String::from_utf8_lossy(&raw).into_owned();
+    let bad_path = |reason| LayerError::BadPath { layer: label.to_string(), entry: name(), reason };
+    let bad_header = |field, e| LayerError::BadHeader { layer: label.to_string(), entry: name(), field, source: e };
+    let records = records.map_err(|reason| bad_header("pax", io::Error::other(reason)))?;
+    pax::check_size(entry, &ext, &records).map_err(|e| bad_header("size", io::Error::other(e)))?;
     let path = normalize(&raw).map_err(bad_path)?;
     if tar_kind == TarKind::Content && path.split(|&b| b == b'/').any(|c| c.starts_with(whiteout::PREFIX)) {
         return Err(bad_path(RESERVED_NAME));
@@ -434,10 +457,10 @@ fn convert<R: Read>(
     if !matches!(whiteout::classify(last), Ok(Name::Plain(_))) {
         return Ok(Some((path, EntryKind::Marker)));
     }
-    let bad_header = |field, e| LayerError::BadHeader { layer: label.to_string(), entry: name(), field, source: e };
+    let link = || pax::link(entry, &ext, &records);
     // Hard links take their inode's metadata, but a header that cannot be
     // read is refused whatever the entry.
-    let meta = read_meta(entry_meta(&header, entry), label, &raw)?;
+    let meta = read_meta(entry_meta(&header, &records), label, &raw)?;
     let kind = match entry_type {
         tar::EntryType::Directory => EntryKind::Dir(meta),
         // Pre-POSIX tars mark directories by a trailing slash on a
@@ -448,7 +471,7 @@ fn convert<R: Read>(
             meta,
         }),
         tar::EntryType::Symlink => {
-            let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+            let target = link();
             if target.is_empty() || target.contains(&0) {
                 return Err(bad_path("a symlink with an empty or NUL-containing target"));
             }
@@ -456,10 +479,7 @@ fn convert<R: Read>(
             // (the guest's view, umoci's rootfs) always shows 0777.
             EntryKind::Node(Inode { content: Content::Symlink(target), meta: Meta { mode: 0o777, ..meta } })
         }
-        tar::EntryType::Link => {
-            let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
-            EntryKind::Hardlink(normalize(&target).map_err(bad_path)?)
-        }
+        tar::EntryType::Link => EntryKind::Hardlink(normalize(&link()).map_err(bad_path)?),
         tar::EntryType::Char | tar::EntryType::Block => {
             let major = header.device_major().map_err(|e| bad_header("devmajor", e))?;
             let minor = header.device_minor().map_err(|e| bad_header("devminor", e))?;
@@ -495,25 +515,25 @@ struct RawMeta {
     pax: io::Result<Vec<(String, Vec<u8>)>>,
 }
 
-fn entry_meta<R: Read>(header: &tar::Header, entry: &mut tar::Entry<'_, R>) -> RawMeta {
-    let pax = entry.pax_extensions().and_then(|exts| {
-        let mut out = Vec::new();
-        for ext in exts.into_iter().flatten() {
-            let ext = ext?;
-            let key = ext.key().map_err(|_| io::Error::other("a PAX record with a non-UTF-8 key"))?;
-            out.push((key.to_string(), ext.value_bytes().to_vec()));
-        }
-        Ok(out)
-    });
-    // The tar crate already applied PAX uid, gid and size to the header.
+/// The header as it was in the stream and its PAX records: a PAX `uid`
+/// or `gid` overrides the header's.
+fn entry_meta(header: &tar::Header, records: &[(Vec<u8>, Vec<u8>)]) -> RawMeta {
     let old = header.as_old();
-    RawMeta {
-        mode: or_blank(header.mode(), &old.mode),
-        uid: or_blank(header.uid(), &old.uid),
-        gid: or_blank(header.gid(), &old.gid),
-        mtime: or_blank(header.mtime(), &old.mtime),
-        pax,
-    }
+    let id = |key, field: io::Result<u64>, raw: &[u8]| match pax::number(records, key) {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => or_blank(field, raw),
+        Err(e) => Err(io::Error::other(e)),
+    };
+    let uid = id("uid", header.uid(), &old.uid);
+    let gid = id("gid", header.gid(), &old.gid);
+    let pax = records
+        .iter()
+        .map(|(k, v)| match std::str::from_utf8(k) {
+            Ok(k) => Ok((k.to_string(), v.clone())),
+            Err(_) => Err(io::Error::other("a PAX record with a non-UTF-8 key")),
+        })
+        .collect();
+    RawMeta { mode: or_blank(header.mode(), &old.mode), uid, gid, mtime: or_blank(header.mtime(), &old.mtime), pax }
 }
 
 /// An all-blank numeric field reads as 0, as Go's archive/tar (Docker,
