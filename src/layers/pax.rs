@@ -12,9 +12,12 @@ use std::io::Read;
 
 use super::guard::Extensions;
 
+/// One record: its keyword and value, as bytes.
+pub(crate) type Record = (Vec<u8>, Vec<u8>);
+
 /// An entry's path as Go's archive/tar reads it: the last PAX `path`,
 /// else a GNU long name (which the crate reads), else the header's.
-pub(crate) fn path<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions, records: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+pub(crate) fn path<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions, records: &[Record]) -> Vec<u8> {
     match last(records, "path") {
         Some(p) => p.to_vec(),
         None if ext.long_name => entry.path_bytes().into_owned(),
@@ -23,7 +26,7 @@ pub(crate) fn path<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions, records
 }
 
 /// An entry's link target, by the same rules (`linkpath`, GNU long link).
-pub(crate) fn link<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions, records: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+pub(crate) fn link<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions, records: &[Record]) -> Vec<u8> {
     let target = match last(records, "linkpath") {
         Some(l) => return l.to_vec(),
         None if ext.long_link => entry.link_name_bytes(),
@@ -35,7 +38,7 @@ pub(crate) fn link<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions, records
 /// Whether the crate found the entry's data by the size the records (or
 /// the header) give: it follows its own parse of the PAX `size`, which a
 /// record holding a newline can hide or fake.
-pub(crate) fn check_size<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions, records: &[(Vec<u8>, Vec<u8>)]) -> Result<(), &'static str> {
+pub(crate) fn check_size<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions, records: &[Record]) -> Result<(), &'static str> {
     if ext.header.entry_type().is_gnu_sparse() {
         // Its size is the sparse map's (and image tars hold none).
         return Ok(());
@@ -52,7 +55,7 @@ pub(crate) fn check_size<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions, r
 
 /// The records in order, keys and values as bytes; a record that does
 /// not parse is an error (Go's `parsePAXRecord` refuses it too).
-pub(crate) fn records(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, &'static str> {
+pub(crate) fn records(mut data: &[u8]) -> Result<Vec<Record>, &'static str> {
     let mut out = Vec::new();
     while !data.is_empty() {
         let space = data.iter().take(21).position(|&b| b == b' ').ok_or("a PAX record without its length")?;
@@ -83,7 +86,7 @@ pub(crate) fn last<'a>(records: &'a [(Vec<u8>, Vec<u8>)], key: &str) -> Option<&
 }
 
 /// A numeric record (`size`, `uid`, `gid`): `Ok(None)` when absent.
-pub(crate) fn number(records: &[(Vec<u8>, Vec<u8>)], key: &str) -> Result<Option<u64>, &'static str> {
+pub(crate) fn number(records: &[Record], key: &str) -> Result<Option<u64>, &'static str> {
     match last(records, key) {
         None => Ok(None),
         Some(v) => std::str::from_utf8(v)

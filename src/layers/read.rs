@@ -517,7 +517,7 @@ struct RawMeta {
 
 /// The header as it was in the stream and its PAX records: a PAX `uid`
 /// or `gid` overrides the header's.
-fn entry_meta(header: &tar::Header, records: &[(Vec<u8>, Vec<u8>)]) -> RawMeta {
+fn entry_meta(header: &tar::Header, records: &[pax::Record]) -> RawMeta {
     let old = header.as_old();
     let id = |key, field: io::Result<u64>, raw: &[u8]| match pax::number(records, key) {
         Ok(Some(v)) => Ok(v),
