@@ -22,7 +22,7 @@ use std::path::Path;
 use runasroot::cache::{Cache, Location};
 use runasroot::export::{export, ExportError, ExportOptions};
 use runasroot::image::{BlobRef, Compression, Digest, FileId, Layer};
-use runasroot::layers::Spool;
+use runasroot::layers::{Spool, TarGuard};
 use sha2::{Digest as _, Sha256};
 
 use super::Input;
@@ -274,12 +274,19 @@ pub fn export_to_vec(layers: &[Layer], spool: Spool<'_>) -> Result<Vec<u8>, Expo
 
 /// What an export must look like, whatever the layers were.
 pub fn check_export(tar: &[u8]) {
-    let mut archive = tar::Archive::new(tar);
+    // Names from the PAX records read by their lengths (the crate's
+    // parser splits them at newlines, which names may hold).
+    let guard = TarGuard::new(tar);
+    let last = guard.last_entry();
+    let mut archive = tar::Archive::new(guard);
     let mut seen: BTreeSet<Vec<u8>> = BTreeSet::new();
     let mut files: BTreeSet<Vec<u8>> = BTreeSet::new();
     for entry in archive.entries().expect("the export is a tar") {
         let mut e = entry.expect("every export entry reads");
-        let raw = e.path_bytes().into_owned();
+        let kept = last.take().expect("the guard saw the entry");
+        let records = kept.pax.as_deref().map(super::pax_records).unwrap_or_default();
+        let record = |key: &[u8]| records.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let raw = record(b"path").unwrap_or_else(|| e.path_bytes().into_owned());
         let is_dir = e.header().entry_type() == tar::EntryType::Directory;
         let name = raw.strip_suffix(b"/").unwrap_or(&raw).to_vec();
         assert_eq!(raw.ends_with(b"/"), is_dir, "only directories end in /: {raw:?}");
@@ -292,7 +299,7 @@ pub fn check_export(tar: &[u8]) {
         }
         match e.header().entry_type() {
             tar::EntryType::Link => {
-                let target = e.link_name_bytes().expect("a link has a target").into_owned();
+                let target = record(b"linkpath").unwrap_or_else(|| e.link_name_bytes().expect("a link has a target").into_owned());
                 assert!(files.contains(&target), "hard link {raw:?} to {target:?}, not an earlier file");
             }
             tar::EntryType::Regular => {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use runasroot::erofs::decode::{self, Devices, NodeKind};
 use runasroot::export::ExportError;
-use runasroot::layers::Spool;
+use runasroot::layers::{Spool, TarGuard};
 use runasroot::lower::{self, CopySpec, LowerError};
 use runasroot::machine::backend::Backend;
 
@@ -124,23 +124,26 @@ fn image_view(image: &decode::Image) -> BTreeMap<Vec<u8>, Seen> {
 /// The export tar, as the same view.
 fn export_view(tar: &[u8]) -> BTreeMap<Vec<u8>, Seen> {
     let mut out: BTreeMap<Vec<u8>, Seen> = BTreeMap::new();
-    let mut archive = tar::Archive::new(tar);
+    // The guard keeps each entry's PAX records raw: read them by their
+    // lengths (values may hold newlines, which the crate's parser cannot).
+    let guard = TarGuard::new(tar);
+    let last = guard.last_entry();
+    let mut archive = tar::Archive::new(guard);
     for entry in archive.entries().expect("the export is a tar") {
         let mut e = entry.expect("export entries read");
-        let raw = e.path_bytes().into_owned();
+        let kept = last.take().expect("the guard saw the entry");
+        let records = kept.pax.as_deref().map(super::pax_records).unwrap_or_default();
+        let record = |key: &[u8]| records.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let raw = record(b"path").unwrap_or_else(|| e.path_bytes().into_owned());
         let name = raw.strip_suffix(b"/").unwrap_or(&raw).to_vec();
-        let h = e.header().clone();
+        let h = kept.header.clone();
         let mut mtime = h.mtime().expect("an mtime");
         let mut xattrs = Vec::new();
-        if let Some(pax) = e.pax_extensions().expect("PAX records read") {
-            for r in pax {
-                let r = r.expect("a PAX record");
-                let key = r.key_bytes();
-                if key == b"mtime" {
-                    mtime = std::str::from_utf8(r.value_bytes()).expect("a PAX mtime").parse().expect("whole seconds");
-                } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    xattrs.push((name.to_vec(), r.value_bytes().to_vec()));
-                }
+        for (key, value) in &records {
+            if key == b"mtime" {
+                mtime = std::str::from_utf8(value).expect("a PAX mtime").parse().expect("whole seconds");
+            } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                xattrs.push((name.to_vec(), value.clone()));
             }
         }
         xattrs.sort();
@@ -155,12 +158,14 @@ fn export_view(tar: &[u8]) -> BTreeMap<Vec<u8>, Seen> {
                 Shows::File(data)
             }
             tar::EntryType::Link => {
-                let target = e.link_name_bytes().expect("a link target").into_owned();
+                let target = record(b"linkpath").unwrap_or_else(|| e.link_name_bytes().expect("a link target").into_owned());
                 let first = out.get(&target).cloned().expect("a hard link to an earlier file");
                 out.insert(name, first);
                 continue;
             }
-            tar::EntryType::Symlink => Shows::Symlink(e.link_name_bytes().expect("a symlink target").into_owned()),
+            tar::EntryType::Symlink => {
+                Shows::Symlink(record(b"linkpath").unwrap_or_else(|| e.link_name_bytes().expect("a symlink target").into_owned()))
+            }
             tar::EntryType::Char => Shows::Char(device().0, device().1),
             tar::EntryType::Block => Shows::Block(device().0, device().1),
             tar::EntryType::Fifo => Shows::Fifo,
@@ -169,8 +174,8 @@ fn export_view(tar: &[u8]) -> BTreeMap<Vec<u8>, Seen> {
         let seen = Seen {
             shows,
             mode: h.mode().expect("a mode"),
-            uid: e.header().uid().expect("a uid"),
-            gid: e.header().gid().expect("a gid"),
+            uid: record(b"uid").map_or_else(|| h.uid().expect("a uid"), |v| String::from_utf8(v).unwrap().parse().unwrap()),
+            gid: record(b"gid").map_or_else(|| h.gid().expect("a gid"), |v| String::from_utf8(v).unwrap().parse().unwrap()),
             mtime,
             xattrs,
             group,

@@ -113,6 +113,21 @@ impl<'a> Input<'a> {
     }
 }
 
+/// PAX records as POSIX lays them out: `LEN KEY=VALUE\n`, LEN counting
+/// the whole record (an oracle of its own, apart from the product's).
+pub fn pax_records(mut data: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let space = data.iter().position(|&b| b == b' ').expect("a record length");
+        let len: usize = std::str::from_utf8(&data[..space]).unwrap().parse().expect("a decimal length");
+        let body = &data[space + 1..len - 1];
+        let eq = body.iter().position(|&b| b == b'=').expect("KEY=VALUE");
+        out.push((body[..eq].to_vec(), body[eq + 1..].to_vec()));
+        data = &data[len..];
+    }
+    out
+}
+
 /// A temporary directory for one run; fuzzing creates many, so it goes
 /// under `$TMPDIR` like any other.
 pub fn temp_dir() -> tempfile::TempDir {

@@ -5,12 +5,16 @@
 //! than `MAX_EXTENSION_BYTES`). Any other difference means the guard lost
 //! the crate's place: it could then miss a huge header.
 //!
+//! The guard also keeps each entry's header and PAX records as they were
+//! (the layer reader decodes them itself): they must be the entry's.
+//!
 //! Input: a mode byte (streamed or seeking, read piece sizes, raw bytes
 //! or blocks whose header checksums are fixed up so the fuzzer reaches
 //! past them), then the tar.
 
 use std::io::{self, Cursor, Read, Seek, SeekFrom};
 
+use runasroot::layers::guard::LastEntry;
 use runasroot::layers::TarGuard;
 
 use super::Input;
@@ -78,20 +82,43 @@ impl<R: Seek> Seek for Pieces<R> {
 
 fn list(bytes: &[u8], seeking: bool, piece: usize, guarded: bool) -> Result<Vec<Listed>, String> {
     let reader = Pieces { inner: Cursor::new(bytes), piece };
-    let r = match (seeking, guarded) {
-        (true, true) => entries(tar::Archive::new(TarGuard::new(reader)), true),
-        (true, false) => entries(tar::Archive::new(reader), true),
-        (false, true) => entries(tar::Archive::new(TarGuard::new(reader)), false),
-        (false, false) => entries(tar::Archive::new(reader), false),
+    let r = if guarded {
+        let guard = TarGuard::new(reader);
+        let last = guard.last_entry();
+        entries(tar::Archive::new(guard), seeking, Some(&last))
+    } else {
+        entries(tar::Archive::new(reader), seeking, None)
     };
     r.map_err(|e| e.to_string())
 }
 
-fn entries<R: Read + Seek>(mut archive: tar::Archive<R>, seeking: bool) -> io::Result<Vec<Listed>> {
+/// What the guard kept of the entry the crate just returned must be that
+/// entry: its header block as it was (the crate rewrites uid and gid
+/// from PAX records), its PAX records the crate's.
+fn check_kept<R: Read>(e: &mut tar::Entry<'_, R>, last: &LastEntry) -> io::Result<()> {
+    let kept = last.take().expect("the guard keeps every entry's header");
+    let (ours, theirs) = (kept.header.as_bytes(), e.header().as_bytes());
+    let same = if kept.pax.is_some() { ours[..108] == theirs[..108] && ours[124..] == theirs[124..] } else { ours[..] == theirs[..] };
+    assert!(same, "the guard kept another header than the entry's");
+    if let Some(pax) = &kept.pax {
+        let ours: Vec<_> = tar::PaxExtensions::new(pax).map(|r| r.ok().map(|r| (r.key_bytes().to_vec(), r.value_bytes().to_vec()))).collect();
+        let theirs: Vec<_> = match e.pax_extensions()? {
+            Some(p) => p.map(|r| r.ok().map(|r| (r.key_bytes().to_vec(), r.value_bytes().to_vec()))).collect(),
+            None => Vec::new(),
+        };
+        assert_eq!(ours, theirs, "the guard kept other PAX records than the entry's");
+    }
+    Ok(())
+}
+
+fn entries<R: Read + Seek>(mut archive: tar::Archive<R>, seeking: bool, last: Option<&LastEntry>) -> io::Result<Vec<Listed>> {
     let mut out = Vec::new();
     let entries = if seeking { archive.entries_with_seek()? } else { archive.entries()? };
     for entry in entries {
         let mut e = entry?;
+        if let Some(last) = last {
+            check_kept(&mut e, last)?;
+        }
         let pax = match e.pax_extensions()? {
             Some(p) => Some(
                 p.map(|r| r.map(|r| (r.key_bytes().to_vec(), r.value_bytes().to_vec())))
