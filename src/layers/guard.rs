@@ -441,6 +441,33 @@ mod tests {
     }
 
     #[test]
+    fn keeps_each_entrys_header_and_extensions_as_they_were() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_uid(7);
+        b.append_data(&mut h.clone(), "plain", &b"a"[..]).unwrap();
+        b.append_data(&mut h.clone(), "l/".repeat(60) + "long", &b"b"[..]).unwrap();
+        b.append_pax_extensions([("uid", &b"4000000"[..]), ("SCHILY.xattr.user.x", b"a\nb")]).unwrap();
+        b.append_data(&mut h.clone(), "pax", &b"c"[..]).unwrap();
+        let bytes = b.into_inner().unwrap();
+        let guard = TarGuard::new(&bytes[..]);
+        let last = guard.last_entry();
+        let mut a = tar::Archive::new(guard);
+        let mut kept = Vec::new();
+        for e in a.entries().unwrap() {
+            let e = e.unwrap();
+            let ext = last.take().expect("kept for every entry");
+            kept.push((e.header().as_bytes()[..108] == ext.header.as_bytes()[..108], ext.pax.is_some(), ext.long_name, ext.header.uid().unwrap()));
+        }
+        // The header as written (uid 7, the PAX uid is the reader's to
+        // apply), the PAX records of the last entry, the long name's flag.
+        assert_eq!(kept, vec![(true, false, false, 7), (true, false, true, 7), (true, true, false, 7)]);
+        assert!(last.take().is_none(), "taken once");
+    }
+
+    #[test]
     fn huge_extension_headers_fail_before_the_crate_reads_them() {
         // (typeflag, ustar magic): every extension kind, recognised by the
         // crate or (an old-style header) read by the layer reader.
