@@ -25,7 +25,8 @@
 //! bounds what input put in it.
 //!
 //! [`closure`] reads the Nix store paths `--copy-closure` adds (the Nix
-//! library in `nix/default.nix` drives the CLI).
+//! library in `nix/default.nix` drives the CLI). [`spool`] writes what is
+//! decompressed without filling the disk.
 
 pub mod assets;
 pub mod cache;
@@ -43,3 +44,4 @@ pub mod machine;
 pub mod output;
 pub mod report;
 pub mod run;
+pub mod spool;

@@ -108,3 +108,25 @@ fn export_streams_to_stdout() {
     ok(runasroot(&["export", "--base", base.to_str().unwrap(), "-o", file.to_str().unwrap()], &tmp));
     assert!(run.stdout == fs::read(&file).unwrap());
 }
+
+#[test]
+fn xattr_values_holding_newlines_are_exported() {
+    // A file capability for cap_dac_override + cap_fowner holds byte
+    // 0x0a, which the tar crate's PAX parser took for the end of the
+    // record: such layers were refused. The host engine only (no VM).
+    let cap = [1u8, 0, 0, 2, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let dir = scratch();
+    let img = images::image(vec![images::layer(vec![
+        images::dir("bin"),
+        images::file("bin/tool", "t").xattr("security.capability", cap),
+    ])
+    .gzip()]);
+    let base = build(dir.path(), "cap.tar", images::Format::DockerLegacy, img);
+    let tmp = subdir(dir.path(), "tmp");
+    let out = dir.path().join("out.tar");
+    ok(runasroot(&["export", "--base", base.to_str().unwrap(), "-o", out.to_str().unwrap()], &tmp));
+    let bytes = fs::read(&out).unwrap();
+    let record = [b" SCHILY.xattr.security.capability=".as_slice(), &cap, b"\n"].concat();
+    assert!(bytes.windows(record.len()).any(|w| w == record), "the capability record is in the export");
+    assert_empty_dir(&tmp);
+}

@@ -312,7 +312,7 @@ fn refuses_hostile_and_unknown_archives() {
     let config = br#"{"rootfs":{"type":"layers","diff_ids":["sha256:0000000000000000000000000000000000000000000000000000000000000000"]}}"#;
     let manifest = |layer: &str| format!(r#"[{{"Config":"c.json","RepoTags":["x:1"],"Layers":["{layer}"]}}]"#);
     let xz = [0xfd, b'7', b'z', b'X', b'Z', 0, 1, 2];
-    let big = vec![b' '; (16 << 20) + 1];
+    let big = vec![b' '; (4 << 20) + 1];
     type Members<'a> = Vec<(&'a str, Vec<u8>)>;
     let cases: Vec<(&str, Members, &str)> = vec![
         ("dotdot", vec![("manifest.json", manifest("../etc/passwd").into_bytes()), ("c.json", config.to_vec())], "leaves the image"),
@@ -323,7 +323,7 @@ fn refuses_hostile_and_unknown_archives() {
             vec![("manifest.json", manifest("l/layer.tar").into_bytes()), ("c.json", config.to_vec()), ("l/layer.tar", xz.to_vec())],
             "compressed with xz",
         ),
-        ("huge", vec![("manifest.json", big)], "more than the 16777216 allowed"),
+        ("huge", vec![("manifest.json", big)], "more than the 4194304 allowed"),
         ("notjson", vec![("manifest.json", b"{".to_vec())], "not valid JSON"),
         ("empty", vec![("manifest.json", b"[]".to_vec())], "lists no images"),
         ("other", vec![("hello.txt", b"hi".to_vec())], "is not a container image"),

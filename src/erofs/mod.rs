@@ -20,6 +20,8 @@
 //! bytes front to back. [`decode`] reads images back, for tests and
 //! fuzzing.
 
+#[doc(hidden)]
+pub mod check;
 pub mod decode;
 pub mod format;
 mod layout;
@@ -242,7 +244,7 @@ pub fn write(
 pub(crate) mod tests {
     use std::collections::BTreeMap;
 
-    use super::decode::{self, Devices, NodeKind};
+    use super::decode::{self, NodeKind};
     use super::*;
 
     /// Builds trees in tests: inode 0 is the root.
@@ -282,16 +284,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// Embedded data: source `i` is `self.0[i]`.
-    pub(crate) struct Sources(pub Vec<Vec<u8>>);
-
-    impl DataSource for Sources {
-        fn copy_to(&mut self, source: u32, offset: u64, len: u64, out: &mut dyn io::Write) -> io::Result<()> {
-            let bytes = self.0.get(source as usize).ok_or_else(|| io::Error::other("no such source"))?;
-            let range = offset as usize..(offset + len) as usize;
-            out.write_all(bytes.get(range).ok_or_else(|| io::Error::other("past the source's end"))?)
-        }
-    }
+    pub(crate) use super::check::Sources;
 
     pub(crate) fn write_vec(tree: &Tree, devices: &[Device], sources: &[Vec<u8>]) -> Result<(Vec<u8>, Written), Error> {
         let mut out = Vec::new();
@@ -299,131 +292,6 @@ pub(crate) mod tests {
         assert_eq!(written.len, out.len() as u64);
         assert_eq!(written.len % 4096, 0);
         Ok((out, written))
-    }
-
-    /// What one path shows, as a test compares it.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub(crate) enum Shows {
-        Dir,
-        File(Vec<u8>),
-        Symlink(Vec<u8>),
-        Char(u32, u32),
-        Block(u32, u32),
-        Fifo,
-    }
-
-    /// A path, what it shows, its metadata (xattrs sorted by name), its
-    /// link count, and the first path (by sorted order) of its inode, so
-    /// hard links compare as groups.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub(crate) struct Seen {
-        pub path: Vec<u8>,
-        pub shows: Shows,
-        pub meta: Meta,
-        pub nlink: u32,
-        pub inode_of: Vec<u8>,
-    }
-
-    fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-        let mut path = if dir == b"/" { Vec::new() } else { dir.to_vec() };
-        path.push(b'/');
-        path.extend_from_slice(name);
-        path
-    }
-
-    fn sorted_meta(meta: &Meta) -> Meta {
-        let mut meta = meta.clone();
-        meta.xattrs.sort();
-        meta
-    }
-
-    /// What the tree says every path should show, worked out from the
-    /// tree alone (not from the writer's layout).
-    pub(crate) fn expected(tree: &Tree, devices: &[Vec<u8>], sources: &[Vec<u8>]) -> Vec<Seen> {
-        let mut paths = vec![(b"/".to_vec(), tree.root)];
-        let mut names = vec![0u32; tree.inodes.len()];
-        let mut next = 0;
-        while next < paths.len() {
-            let (path, id) = paths[next].clone();
-            next += 1;
-            if let Kind::Dir(children) = &tree.inodes[id].kind {
-                for (name, child) in children {
-                    names[*child] += 1;
-                    paths.push((join(&path, name), *child));
-                }
-            }
-        }
-        paths.sort();
-        let mut first: BTreeMap<InodeId, Vec<u8>> = BTreeMap::new();
-        for (path, id) in &paths {
-            first.entry(*id).or_insert_with(|| path.clone());
-        }
-        paths
-            .iter()
-            .map(|(path, id)| {
-                let inode = &tree.inodes[*id];
-                let (shows, nlink) = match &inode.kind {
-                    Kind::Dir(children) => {
-                        let subdirs = children.iter().filter(|(_, c)| matches!(tree.inodes[*c].kind, Kind::Dir(_)));
-                        (Shows::Dir, 2 + subdirs.count() as u32)
-                    }
-                    Kind::File { size, data } => {
-                        let (bytes, offset) = match data {
-                            Data::Device { device, offset } => (&devices[*device], *offset),
-                            Data::Embedded { source, offset } => (&sources[*source as usize], *offset),
-                        };
-                        (Shows::File(bytes[offset as usize..(offset + size) as usize].to_vec()), names[*id])
-                    }
-                    Kind::Symlink(target) => (Shows::Symlink(target.clone()), names[*id]),
-                    Kind::Char { major, minor } => (Shows::Char(*major, *minor), names[*id]),
-                    Kind::Block { major, minor } => (Shows::Block(*major, *minor), names[*id]),
-                    Kind::Fifo => (Shows::Fifo, names[*id]),
-                };
-                Seen { path: path.clone(), shows, meta: sorted_meta(&inode.meta), nlink, inode_of: first[id].clone() }
-            })
-            .collect()
-    }
-
-    /// What the decoded image shows, file data read through `devices`.
-    pub(crate) fn seen(image: &decode::Image, devices: Devices) -> Vec<Seen> {
-        let mut paths = image.paths();
-        paths.sort();
-        let mut first: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for (path, nid) in &paths {
-            first.entry(*nid).or_insert_with(|| path.clone());
-        }
-        paths
-            .iter()
-            .map(|(path, nid)| {
-                let node = &image.inodes[nid];
-                let shows = match &node.kind {
-                    NodeKind::Dir { .. } => Shows::Dir,
-                    NodeKind::File { .. } => Shows::File(image.read(*nid, devices).unwrap()),
-                    NodeKind::Symlink { target, .. } => Shows::Symlink(target.clone()),
-                    NodeKind::Char { major, minor } => Shows::Char(*major, *minor),
-                    NodeKind::Block { major, minor } => Shows::Block(*major, *minor),
-                    NodeKind::Fifo => Shows::Fifo,
-                };
-                Seen {
-                    path: path.clone(),
-                    shows,
-                    meta: sorted_meta(&node.meta),
-                    nlink: node.nlink,
-                    inode_of: first[nid].clone(),
-                }
-            })
-            .collect()
-    }
-
-    /// The flat disk: the image, then each device at its start.
-    pub(crate) fn flat(image: &[u8], written: &Written, devices: &[Vec<u8>]) -> Vec<u8> {
-        let mut flat = image.to_vec();
-        for (bytes, start) in devices.iter().zip(&written.device_starts) {
-            assert!(*start >= flat.len() as u64 && start % 4096 == 0, "device start {start}");
-            flat.resize(*start as usize, 0);
-            flat.extend_from_slice(bytes);
-        }
-        flat
     }
 
     /// Writes `tree`, decodes it both ways (separate devices, flat disk)
@@ -434,23 +302,8 @@ pub(crate) mod tests {
             .zip(tags)
             .map(|(bytes, tag)| Device { blocks: bytes.len().div_ceil(512) as u64, tag: tag.to_string() })
             .collect();
-        let padded: Vec<Vec<u8>> = devices
-            .iter()
-            .map(|d| {
-                let mut d = d.clone();
-                d.resize(d.len().next_multiple_of(512), 0);
-                d
-            })
-            .collect();
         let (image, written) = write_vec(tree, &slots, sources).unwrap();
-        let want = expected(tree, &padded, sources);
-        let decoded = decode::decode(&image).unwrap();
-        let separate: Vec<&[u8]> = padded.iter().map(Vec::as_slice).collect();
-        assert_eq!(seen(&decoded, Devices::Separate(&separate)), want);
-        let flat = flat(&image, &written, &padded);
-        let decoded_flat = decode::decode(&flat).unwrap();
-        assert_eq!(seen(&decoded_flat, Devices::Flat), want);
-        assert_eq!(written.inodes, decoded.inodes.len() as u64);
+        super::check::round_trip(tree, devices, sources, &image, &written).unwrap();
         image
     }
 

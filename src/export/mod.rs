@@ -487,6 +487,150 @@ mod tests {
         assert_eq!(std::fs::read_dir(&temp).unwrap().count(), 0, "nothing spooled to the temp dir");
     }
 
+    /// A raw header block: `name`, typeflag, size, ustar magic.
+    fn raw_header(name: &str, ty: u8, size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_ustar();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.as_mut_bytes()[156] = ty;
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn a_huge_extension_header_is_refused_before_it_is_read() {
+        // Each of these would have the tar crate read 32 MiB into one Vec
+        // (a small part of what a gzip layer of a few MiB can claim).
+        for (ty, what) in [(b'x', "PAX extended header"), (b'L', "GNU long name"), (b'K', "GNU long link name")] {
+            let mut tar = raw_header("huge", ty, 32 << 20);
+            tar.extend(vec![b'a'; 32 << 20]);
+            tar.extend(raw_header("f", b'0', 0));
+            tar.extend(vec![0; 1024]);
+            let err = run(&[(tar, Compression::Gzip)], None).unwrap_err();
+            let ExportError::Layers(LayerError::ReadLayer { layer, source }) = &err else { panic!("{err}") };
+            assert_eq!(layer, "layer 0 (l0/layer.tar)");
+            assert_eq!(
+                source.to_string(),
+                format!(
+                    "the tar header at byte 0 is a {what} of 33554432 bytes, more than the 1048576 runasroot reads \
+                     (Go's archive/tar, which writes image layers, refuses them too)"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn pax_values_hold_newlines() {
+        // Found by looking at what the layers fuzz target reached: the tar
+        // crate splits PAX records at newlines, so a layer was refused for
+        // a capability xattr holding byte 0x0a (cap_dac_override +
+        // cap_fowner), and bytes after a newline could pass for a record
+        // of their own (a `path` inside an xattr value).
+        let cap = [1u8, 0, 0, 2, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let layer = tar_of(&[
+            file("bin/ping", "p").pax("SCHILY.xattr.security.capability", &cap),
+            file("plain", "x").pax("SCHILY.xattr.user.note", b"a\n10 path=evil\n"),
+            file("x", "n").pax("path", b"new\nline"),
+        ]);
+        let (out, _) = run(&[(layer, Compression::Gzip)], None).unwrap();
+        // The export writes the records by the same rules; read it back
+        // with the layer reader, as the next run on this image would.
+        let dir = tempfile::tempdir().unwrap();
+        let back = crate::layers::index(&layers(dir.path(), &[(out, Compression::None)]), Spool { cache: None, temp_dir: dir.path() })
+            .unwrap();
+        let mut seen = Vec::new();
+        back.merged
+            .walk::<()>(None, &mut |entry, _| {
+                seen.push((String::from_utf8_lossy(&entry.path).into_owned(), entry.xattrs.clone()));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                ("bin".to_string(), vec![]),
+                ("bin/ping".to_string(), vec![(b"security.capability".to_vec(), cap.to_vec())]),
+                ("new\nline".to_string(), vec![]),
+                ("plain".to_string(), vec![(b"user.note".to_vec(), b"a\n10 path=evil\n".to_vec())]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_pax_size_the_tar_reader_cannot_follow_is_refused() {
+        // Go writes a file past 8 GiB with size 0 in its header and a PAX
+        // `size` (records sorted: an xattr first). Where that xattr holds
+        // a newline, the tar crate's parse stops before `size` and reads
+        // the data as headers: refused, rather than read wrong.
+        let records = [
+            tarfmt_record("SCHILY.xattr.user.a", b"x\ny"),
+            tarfmt_record("size", b"3"),
+        ]
+        .concat();
+        let mut tar = raw_header("pax", b'x', records.len() as u64);
+        tar.extend(&records);
+        tar.resize(tar.len().next_multiple_of(512), 0);
+        tar.extend(raw_header("big", b'0', 0));
+        tar.extend(b"abc");
+        tar.resize(tar.len().next_multiple_of(512), 0);
+        tar.extend(vec![0; 1024]);
+        let err = run(&[(tar, Compression::None)], None).unwrap_err();
+        assert_eq!(
+            format!("{err}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default()),
+            "layer 0 (l0/layer.tar): entry \"big\": invalid header field size: \
+             the PAX size record is not the size the tar reader followed"
+        );
+    }
+
+    /// One PAX record, `LEN KEY=VALUE\n`.
+    fn tarfmt_record(key: &str, value: &[u8]) -> Vec<u8> {
+        let body = [b" ", key.as_bytes(), b"=", value, b"\n"].concat();
+        let mut len = body.len() + 1;
+        while format!("{len}").len() + body.len() != len {
+            len += 1;
+        }
+        [format!("{len}").into_bytes(), body].concat()
+    }
+
+    #[test]
+    fn the_merge_stops_at_its_memory_budget() {
+        // 3 layers of 100 entries, each entry costing ENTRY_COST plus its
+        // name: a budget for 250 entries stops in the third layer.
+        let tars: Vec<(Vec<u8>, Compression)> = (0..3)
+            .map(|l| {
+                let entries: Vec<T> = (0..100)
+                    .map(|i| file(Box::leak(format!("l{l}/f{i:03}").into_boxed_str()), ""))
+                    .collect();
+                (tar_of(&entries), Compression::None)
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let ls = layers(dir.path(), &tars);
+        let spool = Spool { cache: None, temp_dir: dir.path() };
+        let per_entry = crate::layers::ENTRY_COST + "l0/f000".len() as u64;
+        let err = crate::layers::index_within(&ls, spool, 250 * per_entry).unwrap_err();
+        let LayerError::TooMuchMetadata { layer, limit, .. } = &err else { panic!("{err}") };
+        assert_eq!((layer.as_str(), *limit), ("layer 2 (l2/layer.tar)", 250 * per_entry));
+        assert!(err.to_string().contains("more than the 51750 bytes of memory runasroot gives the merge"), "{err}");
+        // The same layers within the real budget.
+        assert_eq!(crate::layers::index(&ls, spool).unwrap().stats.layers, 3);
+    }
+
+    #[test]
+    fn the_deepest_path_linux_holds_merges_and_exports_on_a_small_stack() {
+        // 2048 components, 4095 bytes: PATH_MAX bounds the depth of every
+        // recursion over the trees (merge, walk, drop); one more byte is
+        // refused. Test threads have 2 MiB stacks, as the layer readers.
+        let deep: &'static str = Box::leak(("a/".repeat(2047) + "f").into_boxed_str());
+        let (out, stats) = run(&[(tar_of(&[file(deep, "x")]), Compression::Gzip)], None).unwrap();
+        assert_eq!(stats.entries, 2048);
+        assert_eq!(listing(&out).last().unwrap(), &format!("{deep} Regular 644 0 1000 1 [path={deep}] \"x\""));
+        let deeper: &'static str = Box::leak(("a/".repeat(2047) + "fg").into_boxed_str());
+        let err = run(&[(tar_of(&[file(deeper, "x")]), Compression::None)], None).unwrap_err();
+        assert!(err.to_string().ends_with("the path is longer than 4095 bytes"), "{err}");
+    }
+
     #[test]
     fn many_layers_merge_in_order() {
         // 130 layers each replacing /f and adding /dN: the top /f wins

@@ -6,6 +6,7 @@ use std::io;
 use std::path::PathBuf;
 
 use super::Digest;
+use crate::spool::{human, Full};
 use crate::output::OutputError;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,13 @@ pub enum ImageError {
         source: io::Error,
     },
 
+    #[error(
+        "{path} ({codec}) decompresses to more than {}, and {} has {} free (runasroot leaves {} of it to the rest of the system): \
+         free space there, or point TMPDIR at a filesystem with room for the uncompressed archive",
+        human(.full.written), .full.dir.display(), human(.full.space.available), human(.full.space.keep())
+    )]
+    DecompressFull { path: PathBuf, codec: &'static str, full: Full },
+
     #[error("cannot create a temporary file in {dir}")]
     TempFile {
         dir: PathBuf,
@@ -64,6 +72,12 @@ pub enum ImageError {
 
     #[error("{path} holds more than {limit} members: refusing it as an image archive")]
     TooManyMembers { path: PathBuf, limit: usize },
+
+    #[error("{path}: the names of its members take more than {limit} bytes: refusing it as an image archive")]
+    MemberNamesTooLarge { path: PathBuf, limit: usize },
+
+    #[error("{source_name}: {member} lists {count} layers, more than the {limit} runasroot reads (no container runtime stacks more; squash the image, e.g. with a multi-stage build)")]
+    TooManyLayers { source_name: String, member: String, count: usize, limit: usize },
 
     #[error("{path} is not a container image: it has neither manifest.json (docker-archive) nor index.json + oci-layout (OCI layout); found {found}")]
     UnknownFormat { path: PathBuf, found: String },

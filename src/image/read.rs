@@ -34,15 +34,25 @@ use super::digest::sha256_range;
 use super::select::{self, Platform};
 use super::store::{read_head, Store};
 use super::{digest, BlobRef, Digest, FileId, ImageError, Layer};
+use crate::spool::{Full, Spooler};
 
-/// Largest `index.json`, `manifest.json` or OCI manifest/index blob.
-const MAX_MANIFEST_BYTES: u64 = 16 << 20;
-/// Largest image config (history of a 1000-layer image is ~1 MiB).
-const MAX_CONFIG_BYTES: u64 = 32 << 20;
+/// Largest `index.json`, `manifest.json` or OCI manifest/index blob: a
+/// 500-layer manifest is ~100 KiB. Parsed, JSON can take 36 times its
+/// size in memory (measured: 32 MiB of `[0,0,…]` became 1.1 GiB of
+/// `serde_json::Value`s), so this bounds ~150 MiB.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Largest image config: the history of a 500-layer image is ~500 KiB.
+/// Parsed, ~300 MiB at most (see [`MAX_MANIFEST_BYTES`]).
+const MAX_CONFIG_BYTES: u64 = 8 << 20;
 /// Largest `oci-layout` file (it holds one short field).
 const MAX_LAYOUT_BYTES: u64 = 64 << 10;
 /// Nesting of image indexes followed (buildx writes one level).
 const MAX_INDEX_DEPTH: usize = 4;
+/// Most layers an image may have. No runtime runs more: overlayfs stacks
+/// at most 500 lower layers (`OVL_MAX_STACK`; Docker stops at 125), and
+/// every layer holds a file open during a run (the default soft limit is
+/// 1024 descriptors) and takes a device slot in the lower image.
+pub const MAX_LAYERS: usize = 500;
 
 /// How to open a base image.
 #[derive(Debug, Clone, Default)]
@@ -282,10 +292,12 @@ fn open_store(
         .suffix(".tar")
         .tempfile_in(temp_dir)
         .map_err(|source| ImageError::TempFile { dir: temp_dir.to_path_buf(), source })?;
-    let decompress_err =
-        |source| ImageError::Decompress { path: path.to_path_buf(), codec: codec_name, temp_dir: temp_dir.to_path_buf(), source };
+    let decompress_err = |source: io::Error| match Full::of(&source) {
+        Some(full) => ImageError::DecompressFull { path: path.to_path_buf(), codec: codec_name, full: full.clone() },
+        None => ImageError::Decompress { path: path.to_path_buf(), codec: codec_name, temp_dir: temp_dir.to_path_buf(), source },
+    };
     let (file, temp_path) = temp.into_parts();
-    let mut out = io::BufWriter::with_capacity(1 << 20, file);
+    let mut out = io::BufWriter::with_capacity(1 << 20, Spooler::new(file, temp_dir));
     let reader = compress::decoder(codec, File::open(path).map_err(open_err)?).map_err(decompress_err)?;
     io::copy(&mut crate::interrupt::Checked(reader), &mut out).map_err(decompress_err)?;
     io::Write::flush(&mut out).map_err(decompress_err)?;
@@ -411,9 +423,19 @@ fn digest_from_config_name(member: &str) -> Option<Digest> {
     Digest::parse(&format!("sha256:{}", file.strip_suffix(".json")?))
 }
 
+/// Refuses a manifest listing more than [`MAX_LAYERS`] layers, before
+/// any of them is looked up.
+fn check_layer_count(store: &Store, member: &str, count: usize) -> Result<(), ImageError> {
+    if count > MAX_LAYERS {
+        return Err(ImageError::TooManyLayers { source_name: store.name(), member: member.to_string(), count, limit: MAX_LAYERS });
+    }
+    Ok(())
+}
+
 fn resolve_docker(store: &Store, wanted: Option<&str>) -> Result<Resolved, ImageError> {
     let entries = read_docker_manifest(store)?;
     let (entry, name) = select_docker(store, &entries, wanted)?;
+    check_layer_count(store, "manifest.json", entry.layers.len())?;
     let config_blob = store.locate(&entry.config, "manifest.json's Config")?;
     let layers = entry
         .layers
@@ -617,6 +639,7 @@ fn resolve_oci(
             continue;
         }
         let manifest: ManifestJson = parse_json(store, &path, &bytes)?;
+        check_layer_count(store, &path, manifest.layers.len())?;
         let config_digest = manifest.config.digest(store, &path)?;
         let config_member = blob_path(&config_digest);
         let config_blob = store.locate(&config_member, &format!("manifest {path}"))?;
@@ -952,6 +975,74 @@ mod tests {
             let want = want.map(|(p, r)| (PathBuf::from(p), r.map(str::to_string)));
             assert_eq!(got, want, "{spec}");
         }
+    }
+
+    /// A legacy docker-archive whose manifest lists the one layer tar
+    /// `count` times (a layer may repeat), and a config to match, padded
+    /// with a label to at least `config_len` bytes.
+    fn repeated_layer_archive(count: usize, config_len: usize) -> tempfile::NamedTempFile {
+        let layer = {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_ustar();
+            h.set_size(1);
+            h.set_mode(0o644);
+            b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+            b.into_inner().unwrap()
+        };
+        let diff_id = digest::sha256_bytes(&layer);
+        let mut config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": vec![diff_id.to_string(); count]},
+        });
+        let short = serde_json::to_vec(&config).unwrap().len();
+        if config_len > short {
+            // `,"config":{"Labels":{"pad":"…"}}` is 31 bytes and the pad.
+            config["config"] = serde_json::json!({"Labels": {"pad": "p".repeat(config_len.saturating_sub(short + 31))}});
+        }
+        let manifest = serde_json::json!([{"Config": "c.json", "Layers": vec!["l/layer.tar"; count]}]);
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, bytes) in [
+            ("l/layer.tar", layer),
+            ("c.json", serde_json::to_vec(&config).unwrap()),
+            ("manifest.json", serde_json::to_vec(&manifest).unwrap()),
+        ] {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, &bytes[..]).unwrap();
+        }
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, &b.into_inner().unwrap()).unwrap();
+        f
+    }
+
+    #[test]
+    fn an_image_of_more_layers_than_any_runtime_stacks_is_refused() {
+        let opts = OpenOptions { temp_dir: std::env::temp_dir(), ..Default::default() };
+        let at_limit = repeated_layer_archive(MAX_LAYERS, 0);
+        assert_eq!(open(at_limit.path().to_str().unwrap(), &opts).unwrap().layers.len(), MAX_LAYERS);
+        let over = repeated_layer_archive(MAX_LAYERS + 1, 0);
+        let err = open(over.path().to_str().unwrap(), &opts).unwrap_err();
+        assert!(matches!(err, ImageError::TooManyLayers { count: 501, limit: 500, .. }), "{err}");
+        assert!(err.to_string().ends_with(
+            "manifest.json lists 501 layers, more than the 500 runasroot reads (no container runtime stacks more; \
+             squash the image, e.g. with a multi-stage build)"
+        ), "{err}");
+    }
+
+    #[test]
+    fn a_config_larger_than_its_bound_is_refused_unread() {
+        let opts = OpenOptions { temp_dir: std::env::temp_dir(), ..Default::default() };
+        let limit = MAX_CONFIG_BYTES as usize;
+        let at_limit = repeated_layer_archive(1, limit);
+        let img = open(at_limit.path().to_str().unwrap(), &opts).unwrap();
+        assert_eq!(img.config_bytes.len(), limit);
+        let over = repeated_layer_archive(1, limit + 1);
+        let err = open(over.path().to_str().unwrap(), &opts).unwrap_err();
+        assert!(
+            err.to_string().ends_with(": c.json is 8388609 bytes, more than the 8388608 allowed for image metadata"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{BlobRef, ImageError};
+use crate::layers::{pax, TarGuard};
 
 /// Most members an image archive may hold: a 1000-layer legacy archive
 /// has ~4000; this only stops a hostile archive from filling memory.
@@ -21,6 +22,12 @@ const TAR_BLOCK: usize = 512;
 /// Where a ustar header keeps its checksum.
 const TAR_CHECKSUM: std::ops::Range<usize> = 148..156;
 
+/// Most bytes the names of an archive's members may take in its index
+/// (the index keeps every name): a 4000-member archive's take ~300 KiB,
+/// while a name may be 1 MiB long (`MAX_EXTENSION_BYTES`).
+pub const MAX_MEMBER_NAME_BYTES: usize = 64 << 20;
+/// Names shown when a path is no image at all.
+const SAMPLE_NAMES: usize = 8;
 /// Links followed when resolving one member (legacy archives written by
 /// skopeo make `<id>/layer.tar` a symlink to `../<hex>.tar`: one hop).
 const MAX_LINK_HOPS: usize = 16;
@@ -138,25 +145,33 @@ impl Store {
         if !starts_like_tar(&first[..got]) {
             return Err(ImageError::NotATar { path: original.to_path_buf(), decompressed });
         }
-        let mut archive = tar::Archive::new(file);
+        // The guard bounds the long names and PAX headers the tar crate
+        // would read whole into memory.
+        let guard = TarGuard::new(file);
+        let last = guard.last_entry();
+        let mut archive = tar::Archive::new(guard);
         let mut members = HashMap::new();
+        let mut name_bytes = 0usize;
         for entry in archive.entries_with_seek().map_err(err)? {
             let entry = entry.map_err(err)?;
             if members.len() >= MAX_MEMBERS {
                 return Err(ImageError::TooManyMembers { path: path.to_path_buf(), limit: MAX_MEMBERS });
             }
-            let raw = entry.path_bytes();
+            // Names as Go's archive/tar reads them (the PAX records by
+            // their lengths; the tar crate splits them at newlines).
+            let ext = last.take().ok_or_else(|| err(std::io::Error::other("a member the tar guard did not see")))?;
+            let records = match &ext.pax {
+                Some(data) => pax::records(data).map_err(|reason| err(std::io::Error::other(reason)))?,
+                None => Vec::new(),
+            };
+            pax::check_size(&entry, &ext, &records).map_err(|reason| err(std::io::Error::other(reason)))?;
+            let raw = pax::path(&entry, &ext, &records);
             let Some(name) = std::str::from_utf8(&raw).ok().and_then(clean_path) else {
                 // An image never names such a member, so it can never be
                 // reached; skip rather than fail on junk we do not use.
                 continue;
             };
-            let link = || {
-                entry
-                    .link_name_bytes()
-                    .map(|l| String::from_utf8_lossy(&l).into_owned())
-                    .unwrap_or_default()
-            };
+            let link = || String::from_utf8_lossy(&pax::link(&entry, &ext, &records)).into_owned();
             let member = match entry.header().entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
                     Member::File { offset: entry.raw_file_position(), size: entry.size() }
@@ -165,6 +180,10 @@ impl Store {
                 tar::EntryType::Link => Member::Hardlink(link()),
                 _ => Member::Other,
             };
+            name_bytes += name.len();
+            if name_bytes > MAX_MEMBER_NAME_BYTES {
+                return Err(ImageError::MemberNamesTooLarge { path: path.to_path_buf(), limit: MAX_MEMBER_NAME_BYTES });
+            }
             // A later member of the same name replaces an earlier one, as
             // when the archive is extracted.
             members.insert(name, member);
@@ -192,20 +211,19 @@ impl Store {
         }
     }
 
-    /// Some top-level names, for "this is not an image" messages.
+    /// Some top-level names, for "this is not an image" messages: the
+    /// first few in order, however many there are.
     pub fn sample_names(&self) -> String {
-        let mut names: Vec<String> = match self {
-            Store::Tar { members, .. } => members.keys().cloned().collect(),
-            Store::Dir { root } => fs::read_dir(root)
-                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-                .unwrap_or_default(),
+        let (names, total) = match self {
+            Store::Tar { members, .. } => first_names(members.keys().cloned()),
+            Store::Dir { root } => match fs::read_dir(root) {
+                Ok(d) => first_names(d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned())),
+                Err(_) => (Vec::new(), 0),
+            },
         };
-        names.sort();
-        let total = names.len();
-        names.truncate(8);
         match total {
             0 => "nothing".into(),
-            n if n > 8 => format!("{} … ({n} entries)", names.join(", ")),
+            n if n > SAMPLE_NAMES => format!("{} … ({n} entries)", names.join(", ")),
             _ => names.join(", "),
         }
     }
@@ -280,6 +298,21 @@ impl Store {
             }
         })
     }
+}
+
+/// The [`SAMPLE_NAMES`] least names, sorted, and how many there were,
+/// holding no more than that many at a time.
+fn first_names(names: impl Iterator<Item = String>) -> (Vec<String>, usize) {
+    let mut least = std::collections::BTreeSet::new();
+    let mut total = 0;
+    for name in names {
+        total += 1;
+        least.insert(name);
+        if least.len() > SAMPLE_NAMES {
+            least.pop_last();
+        }
+    }
+    (least.into_iter().collect(), total)
 }
 
 pub enum BoundedReadError {
@@ -403,6 +436,33 @@ mod tests {
             assert!(err.to_string().contains(want), "{err} lacks {want}");
         }
         assert!(store.has("manifest.json") && !store.has("index.json"));
+    }
+
+    #[test]
+    fn the_index_of_member_names_is_bounded() {
+        // 65 members named by 1 MiB PAX paths: past the names' budget,
+        // though each name is within the tar guard's bound.
+        let name = "d/".repeat((1 << 19) - 16) + "f";
+        let f = archive(|b| {
+            for i in 0..=(MAX_MEMBER_NAME_BYTES / name.len()) {
+                b.append_pax_extensions([("path", format!("{i}/{name}").as_bytes())]).unwrap();
+                add(b, "short", tar::EntryType::Regular, b"", None);
+            }
+        });
+        let err = Store::open_tar(f.path(), f.path(), None).unwrap_err();
+        assert!(matches!(err, ImageError::MemberNamesTooLarge { limit: MAX_MEMBER_NAME_BYTES, .. }), "{err}");
+        assert!(err.to_string().ends_with("the names of its members take more than 67108864 bytes: refusing it as an image archive"));
+    }
+
+    #[test]
+    fn sample_names_show_the_first_few_of_many() {
+        let root = tempfile::tempdir().unwrap();
+        for i in (0..20).rev() {
+            fs::write(root.path().join(format!("n{i:02}")), b"").unwrap();
+        }
+        let store = Store::open_dir(root.path());
+        assert_eq!(store.sample_names(), "n00, n01, n02, n03, n04, n05, n06, n07 … (20 entries)");
+        assert_eq!(Store::open_dir(&root.path().join("none")).sample_names(), "nothing");
     }
 
     #[test]

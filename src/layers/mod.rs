@@ -12,24 +12,40 @@
 //! Memory grows with the number of entries, never with file sizes: a tree
 //! holds paths, metadata and data offsets, never data.
 
+pub mod guard;
+pub(crate) mod pax;
 pub(crate) mod read;
 pub(crate) mod tree;
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
+pub use guard::{TarGuard, MAX_EXTENSION_BYTES};
 pub use read::{Origin, Spool};
 pub(crate) use read::Source;
 pub(crate) use tree::Merged;
 
 use crate::image::{Digest, FileId, Layer};
+use crate::spool::{human, Full};
 
 /// At most this many layers are read at once: reading is CPU-bound
 /// (hashing, decompressing) and each reader holds a few buffers.
 const MAX_READERS: usize = 8;
+
+/// Most bytes of metadata the merge may hold, over all the layers of an
+/// image: the trees keep every entry's name, link target and xattrs, and
+/// a small structure per entry ([`ENTRY_COST`]), while a layer can list
+/// entries without end (a gzip layer of 4 MiB holds millions). A base of
+/// a million files takes ~200 MiB of it; a run's peak memory is about
+/// twice what it holds (the lower image's tree and layout come on top).
+pub const MAX_METADATA_BYTES: u64 = 1 << 30;
+/// What one entry costs the merge besides its bytes: its place in its
+/// directory's map, its inode and metadata (measured: ~160 bytes an entry
+/// over a million entries, names aside).
+pub const ENTRY_COST: u64 = 200;
 
 /// Why reading or merging the layers failed. `layer` reads like
 /// `layer 2 (blobs/sha256/…)`.
@@ -58,6 +74,12 @@ pub enum LayerError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{layer} decompresses to more than {}, and {} has {} free (runasroot leaves {} of it to the rest of the system): \
+         free space there, or point TMPDIR (RUNASROOT_CACHE for the cache) at a filesystem with room for the uncompressed layer",
+        human(.full.written), .full.dir.display(), human(.full.space.available), human(.full.space.keep())
+    )]
+    SpoolFull { layer: String, full: Full },
     #[error("cannot use the cache {dir} for {layer} (fix: free space there, set RUNASROOT_CACHE, or pass --no-cache)")]
     Cache {
         layer: String,
@@ -104,6 +126,39 @@ pub enum LayerError {
     HardlinkTargetMissing { layer: String, entry: String, target: String },
     #[error("{layer} changed on disk while runasroot used it ({path}); nothing was written (run again on a file nothing writes to)")]
     Changed { layer: String, path: PathBuf },
+    #[error(
+        "{layer}: at entry {entry:?}, the layers' entries need more than the {limit} bytes of memory runasroot \
+         gives the merge (names, link targets and xattrs of every entry): refusing the image"
+    )]
+    TooMuchMetadata { layer: String, entry: String, limit: u64 },
+}
+
+/// What the readers of one merge share: a flag that stops them when one
+/// fails, and the memory budget of [`MAX_METADATA_BYTES`].
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub stop: AtomicBool,
+    pub budget: Budget,
+}
+
+impl Shared {
+    pub fn new(limit: u64) -> Shared {
+        Shared { stop: AtomicBool::new(false), budget: Budget { used: AtomicU64::new(0), limit } }
+    }
+}
+
+/// Bytes of metadata held so far, against a limit.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    used: AtomicU64,
+    pub limit: u64,
+}
+
+impl Budget {
+    /// Counts `bytes` more; false once the total passes the limit.
+    pub fn charge(&self, bytes: u64) -> bool {
+        self.used.fetch_add(bytes, Ordering::Relaxed).saturating_add(bytes) <= self.limit
+    }
 }
 
 /// How a layer is named in errors.
@@ -138,20 +193,25 @@ pub struct IndexStats {
 /// so the first error in layer order is the one reported, whatever the
 /// timing.
 pub(crate) fn index(layers: &[Layer], spool: Spool<'_>) -> Result<Indexed, LayerError> {
+    index_within(layers, spool, MAX_METADATA_BYTES)
+}
+
+/// [`index`] with the merge's memory budget given.
+pub(crate) fn index_within(layers: &[Layer], spool: Spool<'_>, budget: u64) -> Result<Indexed, LayerError> {
     let readers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_READERS).min(layers.len());
     let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
+    let shared = Shared::new(budget);
     std::thread::scope(|s| {
         let (tx, rx) = mpsc::channel();
         for _ in 0..readers {
             let tx = tx.clone();
-            let (next, stop) = (&next, &stop);
+            let (next, shared) = (&next, &shared);
             s.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= layers.len() || stop.load(Ordering::Relaxed) {
+                if i >= layers.len() || shared.stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let r = read::read_layer(&layers[i], i as u32, spool, stop);
+                let r = read::read_layer(&layers[i], i as u32, spool, shared);
                 if tx.send((i, r)).is_err() {
                     break;
                 }
@@ -160,7 +220,7 @@ pub(crate) fn index(layers: &[Layer], spool: Spool<'_>) -> Result<Indexed, Layer
         drop(tx);
         let merged = merge_in_order(layers, rx);
         if merged.is_err() {
-            stop.store(true, Ordering::Relaxed);
+            shared.stop.store(true, Ordering::Relaxed);
         }
         merged
     })

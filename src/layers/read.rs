@@ -17,14 +17,17 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use sha2::{Digest as _, Sha256};
 
+use super::guard::{Extensions, LastEntry, TarGuard};
+use super::pax;
 use super::tree::{normalize, Content, EntryKind, Inode, LayerTree, Meta};
-use super::{label, LayerError};
+use super::{label, LayerError, Shared, ENTRY_COST, MAX_METADATA_BYTES};
 use crate::cache::{self, Cache};
 use crate::image::{Compression, Digest, FileId, Layer};
+use crate::spool::{Full, Spooler};
 use runasroot_guest::tarfmt::MODE_BITS;
 use runasroot_guest::whiteout::{self, Name};
 
@@ -95,7 +98,7 @@ pub(crate) struct ReadLayer {
 }
 
 /// Reads layer `layer` (the `source`-th of the index) into a tree.
-pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &AtomicBool) -> Result<ReadLayer, LayerError> {
+pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, shared: &Shared) -> Result<ReadLayer, LayerError> {
     let label = label(layer);
     let open_err = |path: &Path, e| LayerError::OpenLayer { layer: label.clone(), path: path.to_path_buf(), source: e };
     let file = File::open(&layer.blob.file).map_err(|e| open_err(&layer.blob.file, e))?;
@@ -116,12 +119,14 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &At
     if layer.compression == Compression::None {
         let tree = if layer.blob_digest == layer.diff_id {
             let reader = SkippingReader::new(&file, layer.blob.offset, layer.blob.length);
-            let mut archive = tar::Archive::new(reader);
+            let guard = TarGuard::new(reader);
+            let last = guard.last_entry();
+            let mut archive = tar::Archive::new(guard);
             let entries = archive.entries_with_seek().map_err(|e| read_error(&label, e))?;
-            index_entries(entries, source, &label, stop, TarKind::Layer)?
+            index_entries(entries, &last, source, &label, shared, TarKind::Layer)?
         } else {
             let range = RangeReader { file: &file, pos: layer.blob.offset, end: layer.blob.offset.saturating_add(layer.blob.length) };
-            hash_and_parse(Box::new(range), None, layer, source, &label, stop)?.0
+            hash_and_parse(Box::new(range), None, layer, source, &label, shared)?.0
         };
         return stored(file, tree);
     }
@@ -129,7 +134,7 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &At
     if let Some(cache) = spool.cache {
         let cache_err = |e| LayerError::Cache { layer: label.clone(), dir: cache.dir().to_path_buf(), source: e };
         if let Some(entry) = cache.get(&layer.blob_digest).map_err(cache_err)? {
-            match read_cached(entry, layer, source, &label, stop)? {
+            match read_cached(entry, layer, source, &label, shared)? {
                 Ok(read) => return Ok(read),
                 Err(bad) => {
                     bad.discard().map_err(cache_err)?;
@@ -139,15 +144,15 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &At
         }
         match cache.make(&layer.blob_digest).map_err(cache_err)? {
             cache::Made::Existing(entry) => {
-                if let Ok(read) = read_cached(entry, layer, source, &label, stop)? {
+                if let Ok(read) = read_cached(entry, layer, source, &label, shared)? {
                     return Ok(read);
                 }
                 return Err(LayerError::CacheCorrupt { layer: label.clone(), dir: cache.dir().to_path_buf() });
             }
             cache::Made::New(mut pending) => {
                 let (tree, len) = {
-                    let out = BufWriter::with_capacity(BUF, &mut *pending.file());
-                    decompress(&file, layer, out, source, &label, stop, cache.dir())?
+                    let out = BufWriter::with_capacity(BUF, Spooler::new(&mut *pending.file(), cache.dir()));
+                    decompress(&file, layer, out, source, &label, shared, cache.dir())?
                 };
                 let entry = pending.commit(cache).map_err(cache_err)?;
                 let identity = FileId::of(&entry.file).map_err(|e| read_error(&label, e))?;
@@ -172,7 +177,8 @@ pub(crate) fn read_layer(layer: &Layer, source: u32, spool: Spool<'_>, stop: &At
         .tempfile_in(spool.temp_dir)
         .map_err(|e| spool_error(&label, spool.temp_dir, e))?;
     let (spooled, temp_path) = temp.into_parts();
-    let (tree, len) = decompress(&file, layer, BufWriter::with_capacity(BUF, &spooled), source, &label, stop, spool.temp_dir)?;
+    let out = BufWriter::with_capacity(BUF, Spooler::new(&spooled, spool.temp_dir));
+    let (tree, len) = decompress(&file, layer, out, source, &label, shared, spool.temp_dir)?;
     let identity = FileId::of(&spooled).map_err(|e| read_error(&label, e))?;
     let source = Source {
         file: spooled,
@@ -213,11 +219,13 @@ pub(crate) fn read_content_tar(path: &Path, source: u32, label: &str, temp_dir: 
         [0x28, 0xb5, 0x2f, 0xfd] => Compression::Zstd,
         _ => Compression::None,
     };
-    let never = AtomicBool::new(false);
+    let shared = Shared::new(MAX_METADATA_BYTES);
     if compression == Compression::None {
-        let mut archive = tar::Archive::new(SkippingReader::new(&file, 0, len));
+        let guard = TarGuard::new(SkippingReader::new(&file, 0, len));
+        let last = guard.last_entry();
+        let mut archive = tar::Archive::new(guard);
         let entries = archive.entries_with_seek().map_err(|e| read_error(label, e))?;
-        let tree = index_entries(entries, source, label, &never, TarKind::Content)?;
+        let tree = index_entries(entries, &last, source, label, &shared, TarKind::Content)?;
         return Ok(ContentTar { tree, data: path.to_path_buf(), spool: None });
     }
     let temp = tempfile::Builder::new()
@@ -231,14 +239,16 @@ pub(crate) fn read_content_tar(path: &Path, source: u32, label: &str, temp_dir: 
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(range)),
         _ => Box::new(zstd::stream::read::Decoder::with_buffer(range).map_err(|e| read_error(label, e))?),
     };
-    let mut out = BufWriter::with_capacity(BUF, &spooled);
+    let mut out = BufWriter::with_capacity(BUF, Spooler::new(&spooled, temp_dir));
     let mut tee = Tee { inner: decoded, hasher: Sha256::new(), len: 0, spool: Some(&mut out), spool_error: None };
     let parsed = {
-        let mut archive = tar::Archive::new(BufReader::with_capacity(BUF, &mut tee));
+        let guard = TarGuard::new(BufReader::with_capacity(BUF, &mut tee));
+        let last = guard.last_entry();
+        let mut archive = tar::Archive::new(guard);
         archive
             .entries()
             .map_err(|e| read_error(label, e))
-            .and_then(|entries| index_entries(entries, source, label, &never, TarKind::Content))
+            .and_then(|entries| index_entries(entries, &last, source, label, &shared, TarKind::Content))
     };
     if let Some(e) = tee.spool_error.take() {
         return Err(spool_error(label, temp_dir, e));
@@ -256,11 +266,11 @@ fn read_cached(
     layer: &Layer,
     source: u32,
     label: &str,
-    stop: &AtomicBool,
+    shared: &Shared,
 ) -> Result<Result<ReadLayer, cache::Entry>, LayerError> {
     let len = entry.file.metadata().map_err(|e| read_error(label, e))?.len();
     let range = RangeReader { file: &entry.file, pos: 0, end: len };
-    match hash_and_parse(Box::new(range), None, layer, source, label, stop) {
+    match hash_and_parse(Box::new(range), None, layer, source, label, shared) {
         Ok((tree, _)) => {
             let identity = FileId::of(&entry.file).map_err(|e| read_error(label, e))?;
             let file = entry.file.try_clone().map_err(|e| read_error(label, e))?;
@@ -295,7 +305,7 @@ fn decompress<W: Write>(
     out: BufWriter<W>,
     source: u32,
     label: &str,
-    stop: &AtomicBool,
+    shared: &Shared,
     spool_dir: &Path,
 ) -> Result<(LayerTree, u64), LayerError> {
     let range = RangeReader { file, pos: layer.blob.offset, end: layer.blob.offset.saturating_add(layer.blob.length) };
@@ -307,7 +317,7 @@ fn decompress<W: Write>(
         ),
     };
     let mut spool: Box<dyn Write + '_> = Box::new(out);
-    let (tree, len) = hash_and_parse(decoded, Some((&mut *spool, spool_dir)), layer, source, label, stop)?;
+    let (tree, len) = hash_and_parse(decoded, Some((&mut *spool, spool_dir)), layer, source, label, shared)?;
     spool.flush().map_err(|e| spool_error(label, spool_dir, e))?;
     Ok((tree, len))
 }
@@ -320,14 +330,14 @@ fn hash_and_parse(
     layer: &Layer,
     source: u32,
     label: &str,
-    stop: &AtomicBool,
+    shared: &Shared,
 ) -> Result<(LayerTree, u64), LayerError> {
     let (spool, spool_dir) = match spool {
         Some((w, d)) => (Some(w), Some(d)),
         None => (None, None),
     };
     let mut tee = Tee { inner: stream, hasher: Sha256::new(), len: 0, spool, spool_error: None };
-    let parsed = parse(&mut tee, source, label, stop);
+    let parsed = parse(&mut tee, source, label, shared);
     if let (Some(e), Some(dir)) = (tee.spool_error.take(), spool_dir) {
         return Err(spool_error(label, dir, e));
     }
@@ -340,7 +350,10 @@ fn hash_and_parse(
 }
 
 fn spool_error(label: &str, dir: &Path, source: io::Error) -> LayerError {
-    LayerError::Spool { layer: label.to_string(), dir: dir.to_path_buf(), source }
+    match Full::of(&source) {
+        Some(full) => LayerError::SpoolFull { layer: label.to_string(), full: full.clone() },
+        None => LayerError::Spool { layer: label.to_string(), dir: dir.to_path_buf(), source },
+    }
 }
 
 fn read_error(label: &str, source: io::Error) -> LayerError {
@@ -349,9 +362,11 @@ fn read_error(label: &str, source: io::Error) -> LayerError {
 
 /// Parses the tar on `stream` (to its very end: the digest covers the
 /// padding after the end-of-archive blocks too).
-fn parse(stream: &mut dyn Read, source: u32, label: &str, stop: &AtomicBool) -> Result<LayerTree, LayerError> {
-    let mut archive = tar::Archive::new(BufReader::with_capacity(BUF, stream));
-    let tree = index_entries(archive.entries().map_err(|e| read_error(label, e))?, source, label, stop, TarKind::Layer)?;
+fn parse(stream: &mut dyn Read, source: u32, label: &str, shared: &Shared) -> Result<LayerTree, LayerError> {
+    let guard = TarGuard::new(BufReader::with_capacity(BUF, stream));
+    let last = guard.last_entry();
+    let mut archive = tar::Archive::new(guard);
+    let tree = index_entries(archive.entries().map_err(|e| read_error(label, e))?, &last, source, label, shared, TarKind::Layer)?;
     io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(|e| read_error(label, e))?;
     Ok(tree)
 }
@@ -368,40 +383,76 @@ enum TarKind {
 
 fn index_entries<R: Read>(
     entries: tar::Entries<'_, R>,
+    last: &LastEntry,
     source: u32,
     label: &str,
-    stop: &AtomicBool,
+    shared: &Shared,
     kind: TarKind,
 ) -> Result<LayerTree, LayerError> {
     let mut tree = LayerTree::new();
     for (n, entry) in entries.enumerate() {
-        if n % STOP_CHECK_EVERY == 0 && stop.load(Ordering::Relaxed) {
+        if n % STOP_CHECK_EVERY == 0 && shared.stop.load(Ordering::Relaxed) {
             return Err(read_error(label, io::Error::other("stopped: another layer failed")));
         }
         let mut entry = entry.map_err(|e| read_error(label, e))?;
-        if let Some((path, entry_kind)) = convert(&mut entry, source, label, kind)? {
+        // The guard saw the header of every entry the crate returns.
+        let ext = last.take().ok_or_else(|| read_error(label, io::Error::other("an entry the tar guard did not see")))?;
+        if let Some((path, entry_kind)) = convert(&mut entry, ext, source, label, kind)? {
+            if !shared.budget.charge(metadata_cost(&path, &entry_kind)) {
+                return Err(LayerError::TooMuchMetadata {
+                    layer: label.to_string(),
+                    entry: String::from_utf8_lossy(&path).into_owned(),
+                    limit: shared.budget.limit,
+                });
+            }
             tree.insert(&path, entry_kind, label)?;
         }
     }
     Ok(tree)
 }
 
+/// What an entry costs the merge's memory: [`ENTRY_COST`] and the bytes
+/// it keeps (name, link target, xattrs).
+fn metadata_cost(path: &[u8], kind: &EntryKind) -> u64 {
+    let xattrs = |m: &Meta| m.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+    let bytes = match kind {
+        EntryKind::Dir(m) => xattrs(m),
+        EntryKind::Node(Inode { content, meta }) => {
+            xattrs(meta) + if let Content::Symlink(t) = content { t.len() } else { 0 }
+        }
+        EntryKind::Hardlink(target) => target.len(),
+        EntryKind::Marker => 0,
+    };
+    ENTRY_COST + (path.len() + bytes) as u64
+}
+
 /// What a tar entry says, as a normalised path and an [`EntryKind`];
-/// `None` for entries that describe no file (PAX global headers).
+/// `None` for entries that describe no file (PAX global headers). The
+/// names, ids and PAX records come from `ext`, the header and records as
+/// they were in the stream ([`pax`](super::pax) says why); the crate
+/// gives where the data are and how long, checked against them.
 fn convert<R: Read>(
     entry: &mut tar::Entry<'_, R>,
+    ext: Extensions,
     source: u32,
     label: &str,
     tar_kind: TarKind,
 ) -> Result<Option<(Vec<u8>, EntryKind)>, LayerError> {
-    let raw = entry.path_bytes().into_owned();
-    let name = || String::from_utf8_lossy(&raw).into_owned();
-    let bad_path = |reason| LayerError::BadPath { layer: label.to_string(), entry: name(), reason };
-    let header = entry.header().clone();
+    let header = ext.header.clone();
     let entry_type = header.entry_type();
     if entry_type.is_pax_global_extensions() {
         return Ok(None);
     }
+    let records = match &ext.pax {
+        Some(data) => pax::records(data),
+        None => Ok(Vec::new()),
+    };
+    let raw = pax::path(entry, &ext, records.as_deref().unwrap_or_default());
+    let name = || String::from_utf8_lossy(&raw).into_owned();
+    let bad_path = |reason| LayerError::BadPath { layer: label.to_string(), entry: name(), reason };
+    let bad_header = |field, e| LayerError::BadHeader { layer: label.to_string(), entry: name(), field, source: e };
+    let records = records.map_err(|reason| bad_header("pax", io::Error::other(reason)))?;
+    pax::check_size(entry, &ext, &records).map_err(|e| bad_header("size", io::Error::other(e)))?;
     let path = normalize(&raw).map_err(bad_path)?;
     if tar_kind == TarKind::Content && path.split(|&b| b == b'/').any(|c| c.starts_with(whiteout::PREFIX)) {
         return Err(bad_path(RESERVED_NAME));
@@ -410,10 +461,10 @@ fn convert<R: Read>(
     if !matches!(whiteout::classify(last), Ok(Name::Plain(_))) {
         return Ok(Some((path, EntryKind::Marker)));
     }
-    let bad_header = |field, e| LayerError::BadHeader { layer: label.to_string(), entry: name(), field, source: e };
+    let link = || pax::link(entry, &ext, &records);
     // Hard links take their inode's metadata, but a header that cannot be
     // read is refused whatever the entry.
-    let meta = read_meta(entry_meta(&header, entry), label, &raw)?;
+    let meta = read_meta(entry_meta(&header, &records), label, &raw)?;
     let kind = match entry_type {
         tar::EntryType::Directory => EntryKind::Dir(meta),
         // Pre-POSIX tars mark directories by a trailing slash on a
@@ -424,7 +475,7 @@ fn convert<R: Read>(
             meta,
         }),
         tar::EntryType::Symlink => {
-            let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+            let target = link();
             if target.is_empty() || target.contains(&0) {
                 return Err(bad_path("a symlink with an empty or NUL-containing target"));
             }
@@ -432,10 +483,7 @@ fn convert<R: Read>(
             // (the guest's view, umoci's rootfs) always shows 0777.
             EntryKind::Node(Inode { content: Content::Symlink(target), meta: Meta { mode: 0o777, ..meta } })
         }
-        tar::EntryType::Link => {
-            let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
-            EntryKind::Hardlink(normalize(&target).map_err(bad_path)?)
-        }
+        tar::EntryType::Link => EntryKind::Hardlink(normalize(&link()).map_err(bad_path)?),
         tar::EntryType::Char | tar::EntryType::Block => {
             let major = header.device_major().map_err(|e| bad_header("devmajor", e))?;
             let minor = header.device_minor().map_err(|e| bad_header("devminor", e))?;
@@ -471,25 +519,25 @@ struct RawMeta {
     pax: io::Result<Vec<(String, Vec<u8>)>>,
 }
 
-fn entry_meta<R: Read>(header: &tar::Header, entry: &mut tar::Entry<'_, R>) -> RawMeta {
-    let pax = entry.pax_extensions().and_then(|exts| {
-        let mut out = Vec::new();
-        for ext in exts.into_iter().flatten() {
-            let ext = ext?;
-            let key = ext.key().map_err(|_| io::Error::other("a PAX record with a non-UTF-8 key"))?;
-            out.push((key.to_string(), ext.value_bytes().to_vec()));
-        }
-        Ok(out)
-    });
-    // The tar crate already applied PAX uid, gid and size to the header.
+/// The header as it was in the stream and its PAX records: a PAX `uid`
+/// or `gid` overrides the header's.
+fn entry_meta(header: &tar::Header, records: &[pax::Record]) -> RawMeta {
     let old = header.as_old();
-    RawMeta {
-        mode: or_blank(header.mode(), &old.mode),
-        uid: or_blank(header.uid(), &old.uid),
-        gid: or_blank(header.gid(), &old.gid),
-        mtime: or_blank(header.mtime(), &old.mtime),
-        pax,
-    }
+    let id = |key, field: io::Result<u64>, raw: &[u8]| match pax::number(records, key) {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => or_blank(field, raw),
+        Err(e) => Err(io::Error::other(e)),
+    };
+    let uid = id("uid", header.uid(), &old.uid);
+    let gid = id("gid", header.gid(), &old.gid);
+    let pax = records
+        .iter()
+        .map(|(k, v)| match std::str::from_utf8(k) {
+            Ok(k) => Ok((k.to_string(), v.clone())),
+            Err(_) => Err(io::Error::other("a PAX record with a non-UTF-8 key")),
+        })
+        .collect();
+    RawMeta { mode: or_blank(header.mode(), &old.mode), uid, gid, mtime: or_blank(header.mtime(), &old.mtime), pax }
 }
 
 /// An all-blank numeric field reads as 0, as Go's archive/tar (Docker,

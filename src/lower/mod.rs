@@ -160,3 +160,41 @@ impl Lower {
         Ok(self.indexed.check_unchanged()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{BlobRef, Compression, Digest, FileId};
+    use sha2::{Digest as _, Sha256};
+
+    #[test]
+    fn the_deepest_path_linux_holds_builds_an_image_on_a_small_stack() {
+        // 2048 components (PATH_MAX): every recursion from the merge to
+        // the image's tree fits a test thread's 2 MiB stack.
+        let dir = tempfile::tempdir().unwrap();
+        let deep = "a/".repeat(2047) + "f";
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(1);
+        h.set_mode(0o644);
+        b.append_data(&mut h, &deep, &b"x"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let path = dir.path().join("layer.tar");
+        std::fs::write(&path, &tar).unwrap();
+        let digest = Digest::from_sha256(&Sha256::digest(&tar));
+        let layer = Layer {
+            index: 0,
+            blob: BlobRef { file: path.clone(), offset: 0, length: tar.len() as u64 },
+            blob_digest: digest.clone(),
+            diff_id: digest,
+            compression: Compression::None,
+            name: "deep".into(),
+            stored_identity: FileId::of_path(&path).unwrap(),
+        };
+        let no_copy = CopySpec { items: &[], store_paths: &[], copy_dirlinks: false };
+        let spool = Spool { cache: None, temp_dir: dir.path() };
+        let lower = build(&[layer], no_copy, 0, spool, dir.path()).unwrap();
+        // The image's root, base/, the 2047 directories and the file.
+        assert_eq!(lower.stats.inodes, 2050);
+    }
+}

@@ -121,8 +121,10 @@ impl Drop for NbdServer {
     }
 }
 
-/// One client, from handshake to disconnect.
-fn serve(mut conn: UnixStream, disk: &Backend, size: u64) -> io::Result<()> {
+/// One client, from handshake to disconnect, over any byte stream (the
+/// `nbd` fuzz target feeds it one; the server a Unix socket).
+#[doc(hidden)]
+pub fn serve<S: Read + Write>(mut conn: S, disk: &Backend, size: u64) -> io::Result<()> {
     if handshake(&mut conn, size)? {
         transmission(&mut conn, disk, size)?;
     }
@@ -165,7 +167,7 @@ fn reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> io::Result<
 }
 
 /// The fixed-newstyle handshake; true when transmission follows.
-fn handshake(conn: &mut UnixStream, size: u64) -> io::Result<bool> {
+fn handshake<S: Read + Write>(conn: &mut S, size: u64) -> io::Result<bool> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -228,7 +230,7 @@ fn simple_reply(w: &mut impl Write, error: u32, cookie: u64, data: &[u8]) -> io:
 }
 
 /// Requests until the client disconnects.
-fn transmission(conn: &mut UnixStream, disk: &Backend, size: u64) -> io::Result<()> {
+fn transmission<S: Read + Write>(conn: &mut S, disk: &Backend, size: u64) -> io::Result<()> {
     let mut buf = Vec::new();
     loop {
         let magic = match read_u32(conn) {

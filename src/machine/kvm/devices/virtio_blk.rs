@@ -117,7 +117,9 @@ impl Block {
     fn range(&self, sector: u64, len: usize) -> Option<u64> {
         let len = len as u64;
         let end_sector = sector.checked_add(len / SECTOR_SIZE)?;
-        (len % SECTOR_SIZE == 0 && end_sector <= self.capacity).then_some(sector * SECTOR_SIZE)
+        // `then`, not `then_some`: the offset of a sector past the disk
+        // may not fit a u64 (it overflowed, a panic with overflow checks).
+        (len % SECTOR_SIZE == 0 && end_sector <= self.capacity).then(|| sector * SECTOR_SIZE)
     }
 
     /// Handles one request: the decision (which status) and the I/O.
@@ -509,6 +511,21 @@ mod tests {
         let mut all = vec![0u8; 8 * 512];
         rw.block.disk.read_exact_at(&mut all, 0).unwrap();
         assert_eq!(all, (0..8).flat_map(expected_sector).collect::<Vec<u8>>());
+    }
+
+    #[test]
+    fn a_request_without_data_far_past_the_disk_is_refused_without_overflow() {
+        // Found by the virtio_blk fuzz target: `range` computed the byte
+        // offset of any sector, even one it refused, and u64::MAX / 4
+        // sectors overflow (a panic where overflow checks are on: debug
+        // builds, fuzzing).
+        let d = disk(8, false, "x");
+        assert_eq!(d.block.range(u64::MAX / 4, 0), None);
+        assert_eq!(d.block.range(8, 0), Some(8 * 512));
+        let m = mem();
+        let mut d = d;
+        header(&m, VIRTIO_BLK_T_IN, u64::MAX / 4);
+        assert_eq!(submit(&mut d.block, &m, &[desc(HDR, 16, 0), desc(STATUS, 1, W)]), (1, 1));
     }
 
     #[test]
