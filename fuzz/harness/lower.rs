@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use runasroot::erofs::check::Shows;
 use runasroot::erofs::decode::{self, Devices, NodeKind};
 use runasroot::export::ExportError;
 use runasroot::layers::{Spool, TarGuard};
@@ -20,17 +21,6 @@ use runasroot::machine::backend::Backend;
 
 use super::layers::{build_layers, export_to_vec};
 use super::Input;
-
-/// What one path shows, in terms both sides can give.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Shows {
-    Dir,
-    File(Vec<u8>),
-    Symlink(Vec<u8>),
-    Char(u32, u32),
-    Block(u32, u32),
-    Fifo,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {

@@ -564,8 +564,8 @@ mod tests {
         // a newline, the tar crate's parse stops before `size` and reads
         // the data as headers: refused, rather than read wrong.
         let records = [
-            tarfmt_record("SCHILY.xattr.user.a", b"x\ny"),
-            tarfmt_record("size", b"3"),
+            crate::layers::pax::record("SCHILY.xattr.user.a", b"x\ny"),
+            crate::layers::pax::record("size", b"3"),
         ]
         .concat();
         let mut tar = raw_header("pax", b'x', records.len() as u64);
@@ -581,16 +581,6 @@ mod tests {
             "layer 0 (l0/layer.tar): entry \"big\": invalid header field size: \
              the PAX size record is not the size the tar reader followed"
         );
-    }
-
-    /// One PAX record, `LEN KEY=VALUE\n`.
-    fn tarfmt_record(key: &str, value: &[u8]) -> Vec<u8> {
-        let body = [b" ", key.as_bytes(), b"=", value, b"\n"].concat();
-        let mut len = body.len() + 1;
-        while format!("{len}").len() + body.len() != len {
-            len += 1;
-        }
-        [format!("{len}").into_bytes(), body].concat()
     }
 
     #[test]

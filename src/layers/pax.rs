@@ -97,18 +97,20 @@ pub(crate) fn number(records: &[Record], key: &str) -> Result<Option<u64>, &'sta
     }
 }
 
+/// One PAX record, `LEN KEY=VALUE\n`, for tests that craft headers.
+#[cfg(test)]
+pub(crate) fn record(key: &str, value: &[u8]) -> Vec<u8> {
+    let body = [b" ", key.as_bytes(), b"=", value, b"\n"].concat();
+    let mut len = body.len() + 1;
+    while format!("{len}").len() + body.len() != len {
+        len += 1;
+    }
+    [format!("{len}").into_bytes(), body].concat()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn record(key: &str, value: &[u8]) -> Vec<u8> {
-        let body = [b" ", key.as_bytes(), b"=", value, b"\n"].concat();
-        let mut len = body.len() + 1;
-        while format!("{len}").len() + body.len() != len {
-            len += 1;
-        }
-        [format!("{len}").into_bytes(), body].concat()
-    }
 
     #[test]
     fn values_hold_any_byte_newlines_included() {
