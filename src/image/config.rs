@@ -98,7 +98,7 @@ impl ConfigOverrides {
     }
 
     /// Checks a parsed file: an object of known fields of the right types.
-    pub fn check(value: Value) -> Result<ConfigOverrides, String> {
+    fn check(value: Value) -> Result<ConfigOverrides, String> {
         let Value::Object(map) = value else {
             return Err(format!(
                 "expected a JSON object of container config fields (e.g. {{\"Cmd\": [\"/bin/sh\"]}}), found {}",
