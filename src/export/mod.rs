@@ -487,15 +487,9 @@ mod tests {
         assert_eq!(std::fs::read_dir(&temp).unwrap().count(), 0, "nothing spooled to the temp dir");
     }
 
-    /// A raw header block: `name`, typeflag, size, ustar magic.
+    /// A raw ustar header block: `name`, typeflag, size.
     fn raw_header(name: &str, ty: u8, size: u64) -> Vec<u8> {
-        let mut h = tar::Header::new_ustar();
-        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-        h.set_size(size);
-        h.set_mode(0o644);
-        h.as_mut_bytes()[156] = ty;
-        h.set_cksum();
-        h.as_bytes().to_vec()
+        crate::layers::guard::raw_header(name, ty, size, true)
     }
 
     #[test]

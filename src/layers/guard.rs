@@ -352,20 +352,24 @@ fn pax_size(records: &[u8]) -> Option<u64> {
     None
 }
 
+/// A raw header block for tests that craft tars the `tar` crate's
+/// builder refuses to write: `name`, typeflag, size field, ustar magic or
+/// not.
+#[cfg(test)]
+pub(crate) fn raw_header(name: &str, ty: u8, size: u64, ustar: bool) -> Vec<u8> {
+    let mut h = if ustar { tar::Header::new_ustar() } else { tar::Header::new_old() };
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.as_mut_bytes()[156] = ty;
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A raw header block: `name`, typeflag, size field, ustar magic or not.
-    fn header(name: &str, ty: u8, size: u64, ustar: bool) -> Vec<u8> {
-        let mut h = if ustar { tar::Header::new_ustar() } else { tar::Header::new_old() };
-        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-        h.set_size(size);
-        h.set_mode(0o644);
-        h.as_mut_bytes()[156] = ty;
-        h.set_cksum();
-        h.as_bytes().to_vec()
-    }
 
     fn padded(mut data: Vec<u8>) -> Vec<u8> {
         data.resize(data.len().next_multiple_of(512), 0);
@@ -424,9 +428,9 @@ mod tests {
         // A PAX `size` record that overrides the header's (as Go writes
         // for files past 8 GiB): the data is 700 bytes, the header says 0.
         let rec = pax_record("size", "700");
-        let mut tail = header("pax", b'x', rec.len() as u64, true);
+        let mut tail = raw_header("pax", b'x', rec.len() as u64, true);
         tail.extend(padded(rec));
-        tail.extend(header("big", b'0', 0, true));
+        tail.extend(raw_header("big", b'0', 0, true));
         tail.extend(padded(vec![7; 700]));
         tail.extend(vec![0; 1024]);
         let end = bytes.len() - 1024;
@@ -472,20 +476,20 @@ mod tests {
         // (typeflag, ustar magic): every extension kind, recognised by the
         // crate or (an old-style header) read by the layer reader.
         for (ty, ustar) in [(b'x', true), (b'L', true), (b'K', true), (b'g', true), (b'x', false)] {
-            let mut bytes = header("huge", ty, 4 << 30, ustar);
+            let mut bytes = raw_header("huge", ty, 4 << 30, ustar);
             bytes.extend(vec![b'a'; 4096]);
             let err = list(&bytes, true, 4096).unwrap_err();
             assert!(err.contains("4294967296 bytes, more than the 1048576"), "{}: {err}", ty as char);
         }
         // At the bound itself: the crate reads it (and then finds the
         // stream too short).
-        let bytes = header("edge", b'x', MAX_EXTENSION_BYTES, true);
+        let bytes = raw_header("edge", b'x', MAX_EXTENSION_BYTES, true);
         assert!(!list(&bytes, true, 512).unwrap_err().contains("more than"));
     }
 
     #[test]
     fn a_damaged_header_or_a_skip_over_a_header_fails() {
-        let mut bytes = header("f", b'0', 0, true);
+        let mut bytes = raw_header("f", b'0', 0, true);
         bytes[0] ^= 1;
         assert!(list(&bytes, true, 512).unwrap_err().contains("byte 0 is damaged: checksum mismatch"));
         let mut g = TarGuard::new(io::Cursor::new(vec![0u8; 4096]));
@@ -511,7 +515,7 @@ mod tests {
         let mut bytes = h.as_bytes().to_vec();
         bytes.extend(ext(true));
         bytes.extend(ext(false));
-        bytes.extend(header("after", b'0', 0, true));
+        bytes.extend(raw_header("after", b'0', 0, true));
         bytes.extend(vec![0; 1024]);
         let plain = list(&bytes, false, 512).unwrap();
         assert_eq!(plain.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["sparse", "after"]);
