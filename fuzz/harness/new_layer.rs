@@ -9,7 +9,8 @@
 //! the safe tar it claims to be: the `tar` crate reads the same number of
 //! entries, every name relative with no `.`, `..` or empty component, no
 //! entry under a symlink or a non-directory of the same tar, a link that
-//! names an earlier entry, and in a layer every mtime the job's epoch;
+//! names an earlier entry, and in a layer every mtime the job's epoch
+//! (the header's and any PAX record's);
 //! the digest is the sha256 of the announced bytes.
 //!
 //! Input: a mode byte (layer or export; the announced length equal to the
@@ -20,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 
 use runasroot::guest_output::{check_payload, payload};
 use runasroot::image::Digest;
+use runasroot::layers::TarGuard;
 use sha2::{Digest as _, Sha256};
 
 use super::Input;
@@ -74,22 +76,27 @@ fn fix_checksums(bytes: &mut [u8]) {
 }
 
 /// Reads a passed payload with the `tar` crate, as a client would, and
-/// checks what the validator promises; returns the entries.
+/// checks what the validator promises; returns the entries. PAX records
+/// are read by their length, as Go's archive/tar reads them (a binary
+/// xattr value may hold a newline, which the crate's own parser splits
+/// at): the tar guard keeps them raw.
 fn read_back(bytes: &[u8], kind: payload::Kind) -> u64 {
-    let mut archive = tar::Archive::new(bytes);
+    let guard = TarGuard::new(bytes);
+    let last = guard.last_entry();
+    let mut archive = tar::Archive::new(guard);
     let mut kinds: HashMap<Vec<u8>, tar::EntryType> = HashMap::new();
     let mut seen = HashSet::new();
     let mut count = 0;
     for entry in archive.entries().expect("a passed payload reads as a tar") {
-        let mut entry = entry.expect("each entry of a passed payload reads");
-        if let Some(exts) = entry.pax_extensions().ok().flatten() {
-            for ext in exts {
-                let ext = ext.expect("PAX records of a passed payload read");
-                assert!(!ext.key_bytes().starts_with(b"SCHILY.xattr.trusted.overlay."), "an overlayfs-private xattr passed");
-            }
+        let entry = entry.expect("each entry of a passed payload reads");
+        let kept = last.take().expect("the guard saw the entry");
+        let records = kept.pax.as_deref().map(super::pax_records).unwrap_or_default();
+        let record = |key: &[u8]| records.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        for (key, _) in &records {
+            assert!(!key.starts_with(b"SCHILY.xattr.trusted.overlay."), "an overlayfs-private xattr passed");
         }
         let header = entry.header();
-        let path = entry.path_bytes().into_owned();
+        let path = record(b"path").unwrap_or_else(|| entry.path_bytes().into_owned());
         let kind_of = header.entry_type();
         let name = path.strip_suffix(b"/").unwrap_or(&path).to_vec();
         assert!(!name.is_empty() && !name.starts_with(b"/"), "name {:?}", String::from_utf8_lossy(&path));
@@ -101,11 +108,17 @@ fn read_back(bytes: &[u8], kind: payload::Kind) -> u64 {
             assert_eq!(kinds.get(&parent), Some(&tar::EntryType::Directory), "{:?} is not under a directory of the tar", String::from_utf8_lossy(&name));
         }
         if kind_of == tar::EntryType::Link {
-            let target = entry.link_name_bytes().expect("a hard link names its target").into_owned();
+            let target = record(b"linkpath")
+                .or_else(|| entry.link_name_bytes().map(|l| l.into_owned()))
+                .expect("a hard link names its target");
             assert!(kinds.get(&target).is_some_and(|k| *k != tar::EntryType::Directory), "hard link {:?} to no earlier entry", String::from_utf8_lossy(&name));
         }
         if let payload::Kind::Layer { epoch } = kind {
             assert_eq!(header.mtime().expect("an mtime"), epoch, "an mtime that is not the epoch");
+            if let Some(mtime) = record(b"mtime") {
+                let value = std::str::from_utf8(&mtime).ok().and_then(|m| m.parse::<u64>().ok());
+                assert_eq!(value, Some(epoch), "a PAX mtime that is not the epoch");
+            }
         }
         kinds.insert(name, kind_of);
         count += 1;
