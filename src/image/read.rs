@@ -805,29 +805,31 @@ fn hash_blobs(
     let mut results: Vec<Option<io::Result<(Digest, FileId)>>> = (0..blobs.len()).map(|_| None).collect();
     std::thread::scope(|s| {
         let (tx, rx) = mpsc::channel::<(usize, Option<io::Result<(Digest, FileId)>>, u64)>();
-        for _ in 0..workers {
-            let tx = tx.clone();
-            let next = &next;
-            s.spawn(move || loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&index) = blobs.get(k) else { break };
-                let blob = &r.layers[index].blob;
-                let hash = || -> io::Result<(Digest, FileId)> {
-                    let file = File::open(&blob.file)?;
-                    let identity = FileId::of(&file)?;
-                    let mut seen = 0;
-                    let digest = sha256_range(&file, blob.offset, blob.length, &mut |n| {
-                        let _ = tx.send((k, None, n - seen));
-                        seen = n;
-                    })?;
-                    Ok((digest, identity))
-                };
-                let result = hash();
-                if tx.send((k, Some(result), 0)).is_err() {
-                    break;
-                }
-            });
-        }
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let tx = tx.clone();
+                let next = &next;
+                s.spawn(move || loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&index) = blobs.get(k) else { break };
+                    let blob = &r.layers[index].blob;
+                    let hash = || -> io::Result<(Digest, FileId)> {
+                        let file = File::open(&blob.file)?;
+                        let identity = FileId::of(&file)?;
+                        let mut seen = 0;
+                        let digest = sha256_range(&file, blob.offset, blob.length, &mut |n| {
+                            let _ = tx.send((k, None, n - seen));
+                            seen = n;
+                        })?;
+                        Ok((digest, identity))
+                    };
+                    let result = hash();
+                    if tx.send((k, Some(result), 0)).is_err() {
+                        break;
+                    }
+                })
+            })
+            .collect();
         drop(tx);
         let mut done = 0;
         for (k, result, n) in rx {
@@ -839,6 +841,7 @@ fn hash_blobs(
                 results[k] = Some(result);
             }
         }
+        crate::layers::join_all(handles);
     });
     results
         .into_iter()

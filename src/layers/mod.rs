@@ -203,27 +203,42 @@ pub(crate) fn index_within(layers: &[Layer], spool: Spool<'_>, budget: u64) -> R
     let shared = Shared::new(budget);
     std::thread::scope(|s| {
         let (tx, rx) = mpsc::channel();
-        for _ in 0..readers {
-            let tx = tx.clone();
-            let (next, shared) = (&next, &shared);
-            s.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= layers.len() || shared.stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let r = read::read_layer(&layers[i], i as u32, spool, shared);
-                if tx.send((i, r)).is_err() {
-                    break;
-                }
-            });
-        }
+        let workers: Vec<_> = (0..readers)
+            .map(|_| {
+                let tx = tx.clone();
+                let (next, shared) = (&next, &shared);
+                s.spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= layers.len() || shared.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let r = read::read_layer(&layers[i], i as u32, spool, shared);
+                    if tx.send((i, r)).is_err() {
+                        break;
+                    }
+                })
+            })
+            .collect();
         drop(tx);
         let merged = merge_in_order(layers, rx);
         if merged.is_err() {
             shared.stop.store(true, Ordering::Relaxed);
         }
+        join_all(workers);
         merged
     })
+}
+
+/// Joins scoped threads for real: the end of `thread::scope` only waits
+/// until each closure has returned, while the thread itself may still be
+/// exiting (running its thread-local destructors) when the caller goes on.
+/// A worker's panic goes on in the caller, as the scope's would.
+pub(crate) fn join_all(workers: Vec<std::thread::ScopedJoinHandle<'_, ()>>) {
+    for worker in workers {
+        if let Err(panic) = worker.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
 }
 
 fn merge_in_order(
