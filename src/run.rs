@@ -24,7 +24,7 @@ use crate::interrupt::Cause;
 use crate::job::{self, JobDisk, JobError, Times};
 use crate::layers::Spool;
 use crate::lower::{self, LowerError};
-use crate::machine::{select, Backing, DiskSpec, GuestExit, GuestSpec, Machine, MachineError};
+use crate::machine::{select, Backing, DiskSpec, GuestExit, GuestSpec, Machine, MachineError, MAX_CPUS};
 use crate::output::{self, OutputError, Target};
 use crate::report;
 
@@ -32,12 +32,12 @@ use crate::report;
 pub const EXIT_FAILED: u8 = 125;
 /// Exit status when --timeout expired (as `timeout(1)`).
 pub const EXIT_TIMEOUT: u8 = crate::interrupt::EXIT_TIMEOUT;
-/// Below this the guest kernel and init do not fit with a useful tmpfs.
+/// Below this the guest kernel and init do not fit with a useful tmpfs
+/// (the built-in VMM's own floor is lower).
 const MIN_MEMORY_MIB: u64 = 128;
+const _: () = assert!(MIN_MEMORY_MIB >= crate::machine::kvm::memory::MIN_MEMORY_MIB);
 /// Scratch space below this cannot hold even a busybox base.
 const MIN_DISK_MIB: u64 = 16;
-/// The guest kernel's CONFIG_NR_CPUS (kernel-config/runasroot.config).
-const MAX_CPUS: u64 = 32;
 /// Console lines kept for error reports (the renderer shows the last
 /// [`report::MAX_CONTEXT`]).
 const CONSOLE_TAIL: usize = report::MAX_CONTEXT;
@@ -424,8 +424,8 @@ fn prepare_machine(vm: &VmArgs, ui: &Ui) -> Result<Box<dyn Machine>, RunError> {
     if vm.cpus == 0 {
         return Err(RunError::TooSmall { flag: "cpus", min: 1 });
     }
-    if u64::from(vm.cpus) > MAX_CPUS {
-        return Err(RunError::TooLarge { flag: "cpus", max: MAX_CPUS });
+    if u64::from(vm.cpus) > u64::from(MAX_CPUS) {
+        return Err(RunError::TooLarge { flag: "cpus", max: MAX_CPUS.into() });
     }
     vm.timeout.as_deref().map(parse_timeout).transpose()?;
     select::select(vm.vmm, vm.qemu.as_deref().map(Path::as_os_str), &mut |line| ui.notice(line)).map_err(RunError::Launcher)

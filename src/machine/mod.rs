@@ -20,6 +20,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Most vCPUs a guest gets: the guest kernel's CONFIG_NR_CPUS
+/// (kernel-config/runasroot.config). The built-in VMM's MP table is sized
+/// for them (`kvm::mptable`).
+pub const MAX_CPUS: u8 = 32;
+
 /// One virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {

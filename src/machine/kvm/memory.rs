@@ -21,7 +21,7 @@ pub const MIN_MEMORY_MIB: u64 = 64;
 /// Errors setting up guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("guest memory of {mib} MiB is too small; fix: give at least {MIN_MEMORY_MIB} MiB (--memory)")]
+    #[error("guest memory of {mib} MiB is too small: the kernel, linked at 16 MiB, needs at least {MIN_MEMORY_MIB} MiB")]
     TooSmall { mib: u64 },
     #[error("guest memory of {mib} MiB does not fit this host's address space")]
     TooLarge { mib: u64 },

@@ -284,7 +284,7 @@ impl KvmMachine {
 
     fn start(&mut self, spec: &GuestSpec, console: &mut dyn FnMut(&[u8])) -> Result<GuestExit, Error> {
         let run_start = Instant::now();
-        let max = self.kvm.get_nr_vcpus().min(usize::from(mptable::MAX_CPUS));
+        let max = self.kvm.get_nr_vcpus().min(usize::from(crate::machine::MAX_CPUS));
         if spec.cpus == 0 || usize::from(spec.cpus) > max {
             return Err(Error::TooManyCpus { cpus: spec.cpus, max });
         }

@@ -8,10 +8,7 @@
 //! `arch/x86_64/mptable.rs`), written to [`MPTABLE_START`] by the caller.
 
 use super::layout::{EBDA_END, IOAPIC_PINS, IOAPIC_START, LAPIC_START, MPTABLE_START};
-
-/// Most vCPUs whose entries fit between [`MPTABLE_START`] and the end of
-/// base memory (and more than our kernel's NR_CPUS anyway).
-pub const MAX_CPUS: u8 = 32;
+use crate::machine::MAX_CPUS;
 
 // MP spec 1.4 table 4-3 entry types.
 const MP_PROCESSOR: u8 = 0;
@@ -41,7 +38,7 @@ const HEADER_LEN: usize = 44;
 /// Errors building the MP table.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
-    #[error("{cpus} vCPUs requested; the built-in VMM supports 1 to {MAX_CPUS} (--cpus)")]
+    #[error("{cpus} vCPUs requested; the built-in VMM supports 1 to {MAX_CPUS}")]
     Cpus { cpus: u8 },
 }
 
