@@ -387,15 +387,31 @@ fn a_base_of_random_bytes_gets_a_plain_message() {
 }
 
 #[test]
-fn a_corrupt_header_in_a_base_is_escaped_and_bounded() {
+fn corrupt_headers_in_a_base_are_named_not_echoed() {
     // A good first member, then a header whose name holds terminal escapes
-    // and whose checksum field is not even text: the tar reader's message
-    // quotes both.
-    let mut bad = vec![0u8; 512];
+    // and whose checksum field is not even text: the message names where
+    // the header is and what is wrong with it, and quotes none of it.
     let name = b"\x1b]0;pwned\x07\x1b[2J\x1b[31mred";
+    let mut bad = vec![0u8; 512];
     bad[..name.len()].copy_from_slice(name);
     bad[148..156].copy_from_slice(&[0xff, 0xfe, 0x1b, b'[', b'H', 0x9b, 0xc0, 0x00]);
     bad[257..263].copy_from_slice(b"ustar\0");
     let base = tar(&[file("manifest.json", b"[]"), bad]);
-    refused_base(&base, &["cannot read the tar archive", "base.tar: it is truncated or corrupt", "\\x1b]0;pwned\\x07"]);
+    refused_base(&base, &["cannot read the tar archive", "base.tar: it is truncated or corrupt", "the tar header at byte 1024 is damaged: checksum mismatch"]);
+    // A valid checksum over a base-256 size field no seek can reach, with
+    // escapes in it.
+    let mut header = tar::Header::new_ustar();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name);
+    header.set_mode(0o644);
+    header.as_mut_bytes()[124..136].copy_from_slice(&[0xff, 0xfe, 0x1b, b'[', b'H', 0x9b, 0xc0, 0, 0, 0, 0, 0]);
+    header.set_cksum();
+    let base = tar(&[file("manifest.json", b"[]"), header.as_bytes().to_vec()]);
+    refused_base(&base, &["base.tar: it is truncated or corrupt", "the tar header at byte 1024 is damaged: invalid size field"]);
+}
+
+#[test]
+fn member_names_with_escapes_are_escaped() {
+    // No image at all: the message lists what the archive holds, escaped.
+    let base = tar(&[file("\x1b]0;pwned\x07\x1b[2J", b"")]);
+    refused_base(&base, &["base.tar is not a container image", "found \\x1b]0;pwned\\x07\\x1b[2J"]);
 }

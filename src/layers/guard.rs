@@ -37,6 +37,9 @@ pub const MAX_EXTENSION_BYTES: u64 = 1 << 20;
 
 /// A tar block: headers and data are laid out in these.
 const BLOCK: u64 = 512;
+/// Largest entry size taken: offsets past it do not fit the `off_t` a
+/// seek takes (a base-256 size field can claim up to 2^95).
+const MAX_ENTRY_SIZE: u64 = i64::MAX as u64 / 2;
 /// Offset of `isextended` in a GNU sparse extension block (21 sparse
 /// descriptors of 24 bytes before it; tar 0.4 `GnuExtSparseHeader`).
 const EXT_ISEXTENDED: usize = 504;
@@ -285,7 +288,11 @@ impl Walk {
             _ => None,
         };
         let recognised = header.as_gnu().is_some() || header.as_ustar().is_some();
-        let mut size = header.entry_size().map_err(|_| GuardError::BadHeader { at, reason: "invalid size field" })?;
+        let mut size = header
+            .entry_size()
+            .ok()
+            .filter(|&n| n <= MAX_ENTRY_SIZE)
+            .ok_or(GuardError::BadHeader { at, reason: "invalid size field" })?;
         if let (None, Some(pax)) = (extension, &self.pending_pax) {
             size = pax_size(pax).unwrap_or(size);
         }
@@ -492,6 +499,12 @@ mod tests {
         let mut bytes = raw_header("f", b'0', 0, true);
         bytes[0] ^= 1;
         assert!(list(&bytes, true, 512).unwrap_err().contains("byte 0 is damaged: checksum mismatch"));
+        // A base-256 size no seek can reach (the sign bit set: 0xff...).
+        let mut h = tar::Header::from_byte_slice(&raw_header("f", b'0', 0, true)).clone();
+        h.as_mut_bytes()[124..136].copy_from_slice(&[0xff, 0xfe, 0x1b, b'[', b'H', 0x9b, 0xc0, 0, 0, 0, 0, 0]);
+        h.set_cksum();
+        let err = list(h.as_bytes(), true, 512).unwrap_err();
+        assert!(err.contains("byte 0 is damaged: invalid size field"), "{err}");
         let mut g = TarGuard::new(io::Cursor::new(vec![0u8; 4096]));
         let err = g.seek(SeekFrom::Start(1024)).unwrap_err();
         assert!(err.to_string().contains("skipped from byte 0 to byte 1024"), "{err}");
