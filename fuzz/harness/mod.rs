@@ -128,6 +128,69 @@ pub fn pax_records(mut data: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
+/// Reads a tar runasroot wrote (an export, or a new layer that passed the
+/// host's validator) as a client would, and checks what every such tar
+/// promises: names relative with no `.`, `..` or empty component, only
+/// directories ending in `/`, each directory before its contents and
+/// every parent a directory of the tar, no name twice, each hard link to
+/// an earlier non-directory that is not itself a link, data that reads.
+/// PAX records are read by their length, as Go's archive/tar reads them
+/// (the crate's parser splits at newlines, which names and binary xattr
+/// values may hold): the tar guard keeps them raw. `each` sees every
+/// entry's header and records for checks of its own; returns the entries.
+pub fn read_as_client(tar: &[u8], mut each: impl FnMut(&tar::Header, &[(Vec<u8>, Vec<u8>)])) -> u64 {
+    use std::collections::HashMap;
+    use std::io::Read;
+    use tar::EntryType;
+
+    let guard = runasroot::layers::TarGuard::new(tar);
+    let last = guard.last_entry();
+    let mut archive = tar::Archive::new(guard);
+    let mut kinds: HashMap<Vec<u8>, EntryType> = HashMap::new();
+    let mut count = 0;
+    for entry in archive.entries().expect("the tar reads") {
+        let mut e = entry.expect("every entry reads");
+        let kept = last.take().expect("the guard saw the entry");
+        let records = kept.pax.as_deref().map(pax_records).unwrap_or_default();
+        let record = |key: &[u8]| records.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let raw = record(b"path").unwrap_or_else(|| e.path_bytes().into_owned());
+        let kind = e.header().entry_type();
+        let name = raw.strip_suffix(b"/").unwrap_or(&raw).to_vec();
+        assert_eq!(raw.ends_with(b"/"), kind == EntryType::Directory, "only directories end in /: {raw:?}");
+        assert!(!name.is_empty() && !name.starts_with(b"/"), "name {raw:?}");
+        for c in name.split(|&b| b == b'/') {
+            assert!(!c.is_empty() && c != b"." && c != b"..", "component {c:?} in {raw:?}");
+        }
+        if let Some(slash) = name.iter().rposition(|&b| b == b'/') {
+            assert_eq!(kinds.get(&name[..slash]), Some(&EntryType::Directory), "{raw:?} is not under an earlier directory of the tar");
+        }
+        if kind == EntryType::Link {
+            let target = record(b"linkpath").unwrap_or_else(|| e.link_name_bytes().expect("a link has a target").into_owned());
+            // A hard link may name any inode but a directory: a file, a
+            // symlink, a device or a fifo.
+            let named = kinds.get(&target);
+            assert!(named.is_some_and(|k| !matches!(k, EntryType::Directory | EntryType::Link)), "hard link {raw:?} to {target:?}, not an earlier non-directory");
+        }
+        each(e.header(), &records);
+        assert!(kinds.insert(name, kind).is_none(), "{raw:?} twice");
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).expect("file data reads");
+        count += 1;
+    }
+    count
+}
+
+/// Makes every 512-byte block whose typeflag byte is printable a header
+/// with a valid checksum (the others stay data), so the fuzzer reaches
+/// past the checksum.
+pub fn fix_checksums(bytes: &mut [u8]) {
+    for block in bytes.chunks_mut(512).filter(|b| b.len() == 512 && b[156].is_ascii_graphic()) {
+        block[148..156].fill(b' ');
+        let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
+        block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+}
+
 /// A temporary directory for one run; fuzzing creates many, so it goes
 /// under `$TMPDIR` like any other.
 pub fn temp_dir() -> tempfile::TempDir {

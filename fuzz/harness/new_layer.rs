@@ -17,11 +17,8 @@
 //! bytes, shorter or longer; header checksums fixed up so the fuzzer
 //! reaches past them), then the payload.
 
-use std::collections::{HashMap, HashSet};
-
 use runasroot::guest_output::{check_payload, payload};
 use runasroot::image::Digest;
-use runasroot::layers::TarGuard;
 use sha2::{Digest as _, Sha256};
 
 use super::Input;
@@ -35,7 +32,7 @@ pub fn run(data: &[u8]) {
     let kind = if mode & 1 == 0 { payload::Kind::Layer { epoch: EPOCH } } else { payload::Kind::Export };
     let mut bytes = input.rest().to_vec();
     if mode & 0x10 != 0 {
-        fix_checksums(&mut bytes);
+        super::fix_checksums(&mut bytes);
     }
     let announced = match (mode >> 1) & 7 {
         0..=4 => bytes.len() as u64,
@@ -71,64 +68,23 @@ pub fn run(data: &[u8]) {
     assert_eq!(read_back(bytes, kind), checked.entries, "the tar crate reads another number of entries");
 }
 
-/// Every block whose typeflag byte is printable is made a valid header.
-fn fix_checksums(bytes: &mut [u8]) {
-    for block in bytes.chunks_mut(512).filter(|b| b.len() == 512 && b[156].is_ascii_graphic()) {
-        block[148..156].fill(b' ');
-        let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
-        block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    }
-}
-
-/// Reads a passed payload with the `tar` crate, as a client would, and
-/// checks what the validator promises; returns the entries. PAX records
-/// are read by their length, as Go's archive/tar reads them (a binary
-/// xattr value may hold a newline, which the crate's own parser splits
-/// at): the tar guard keeps them raw.
+/// Reads a passed payload as a client would (`read_as_client`: safe
+/// names, parents, links), and checks what a layer promises besides: no
+/// overlayfs-private xattr, every mtime the job's epoch (the header's and
+/// any PAX record's); returns the entries.
 fn read_back(bytes: &[u8], kind: payload::Kind) -> u64 {
-    let guard = TarGuard::new(bytes);
-    let last = guard.last_entry();
-    let mut archive = tar::Archive::new(guard);
-    let mut kinds: HashMap<Vec<u8>, tar::EntryType> = HashMap::new();
-    let mut seen = HashSet::new();
-    let mut count = 0;
-    for entry in archive.entries().expect("a passed payload reads as a tar") {
-        let entry = entry.expect("each entry of a passed payload reads");
-        let kept = last.take().expect("the guard saw the entry");
-        let records = kept.pax.as_deref().map(super::pax_records).unwrap_or_default();
-        let record = |key: &[u8]| records.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-        for (key, _) in &records {
+    super::read_as_client(bytes, |header, records| {
+        for (key, _) in records {
             assert!(!key.starts_with(b"SCHILY.xattr.trusted.overlay."), "an overlayfs-private xattr passed");
-        }
-        let header = entry.header();
-        let path = record(b"path").unwrap_or_else(|| entry.path_bytes().into_owned());
-        let kind_of = header.entry_type();
-        let name = path.strip_suffix(b"/").unwrap_or(&path).to_vec();
-        assert!(!name.is_empty() && !name.starts_with(b"/"), "name {:?}", String::from_utf8_lossy(&path));
-        let parts: Vec<&[u8]> = name.split(|&b| b == b'/').collect();
-        assert!(parts.iter().all(|p| !p.is_empty() && *p != b"." && *p != b".."), "name {:?}", String::from_utf8_lossy(&path));
-        assert!(seen.insert(name.clone()), "{:?} twice", String::from_utf8_lossy(&name));
-        for depth in 1..parts.len() {
-            let parent = parts[..depth].join(&b'/');
-            assert_eq!(kinds.get(&parent), Some(&tar::EntryType::Directory), "{:?} is not under a directory of the tar", String::from_utf8_lossy(&name));
-        }
-        if kind_of == tar::EntryType::Link {
-            let target = record(b"linkpath")
-                .or_else(|| entry.link_name_bytes().map(|l| l.into_owned()))
-                .expect("a hard link names its target");
-            assert!(kinds.get(&target).is_some_and(|k| *k != tar::EntryType::Directory), "hard link {:?} to no earlier entry", String::from_utf8_lossy(&name));
         }
         if let payload::Kind::Layer { epoch } = kind {
             assert_eq!(header.mtime().expect("an mtime"), epoch, "an mtime that is not the epoch");
-            if let Some(mtime) = record(b"mtime") {
-                let value = std::str::from_utf8(&mtime).ok().and_then(|m| m.parse::<u64>().ok());
+            if let Some((_, mtime)) = records.iter().rev().find(|(k, _)| k == b"mtime") {
+                let value = std::str::from_utf8(mtime).ok().and_then(|m| m.parse::<u64>().ok());
                 assert_eq!(value, Some(epoch), "a PAX mtime that is not the epoch");
             }
         }
-        kinds.insert(name, kind_of);
-        count += 1;
-    }
-    count
+    })
 }
 
 /// Starting inputs: what the guest's own packer writes, as a layer

@@ -39,14 +39,7 @@ pub fn run(data: &[u8]) {
     let fix_checksums = mode & 0x10 != 0;
     let mut bytes = input.rest().to_vec();
     if fix_checksums {
-        // Every block whose typeflag byte is printable is made a valid
-        // header; the others stay data.
-        for block in bytes.chunks_mut(512).filter(|b| b.len() == 512 && b[156].is_ascii_graphic()) {
-            block[148..156].fill(b' ');
-            let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
-            let field = format!("{sum:06o}\0 ");
-            block[148..156].copy_from_slice(field.as_bytes());
-        }
+        super::fix_checksums(&mut bytes);
     }
     let plain = list(&bytes, seeking, piece, false);
     let guarded = list(&bytes, seeking, piece, true);
