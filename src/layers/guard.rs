@@ -39,7 +39,7 @@ pub const MAX_EXTENSION_BYTES: u64 = 1 << 20;
 const BLOCK: u64 = 512;
 /// Largest entry size taken: offsets past it do not fit the `off_t` a
 /// seek takes (a base-256 size field can claim up to 2^95).
-const MAX_ENTRY_SIZE: u64 = i64::MAX as u64 / 2;
+pub const MAX_ENTRY_SIZE: u64 = i64::MAX as u64 / 2;
 /// Offset of `isextended` in a GNU sparse extension block (21 sparse
 /// descriptors of 24 bytes before it; tar 0.4 `GnuExtSparseHeader`).
 const EXT_ISEXTENDED: usize = 504;
