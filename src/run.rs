@@ -142,6 +142,7 @@ impl RunError {
         match self {
             RunError::Guest { fix, .. } => fix.clone(),
             RunError::Stopped { cause: Cause::Timeout, .. } => Some("raise --timeout".into()),
+            RunError::Machine(MachineError::Kvm(crate::machine::kvm::Error::TooManyCpus { max, .. })) => Some(format!("lower --cpus to {max} or fewer")),
             _ => None,
         }
     }
@@ -918,6 +919,13 @@ mod tests {
             assert_eq!(e.fix(), fix);
         }
         assert_eq!([Cause::Interrupt, Cause::Terminate, Cause::Timeout].map(Cause::exit_code), [130, 143, 124]);
+    }
+
+    #[test]
+    fn more_vcpus_than_kvm_allows_is_fixed_by_lowering_cpus() {
+        let e = RunError::Machine(MachineError::Kvm(crate::machine::kvm::Error::TooManyCpus { cpus: 8, max: 4 }));
+        assert_eq!(report::one_line(&e), "running the guest failed: the built-in VMM failed: 8 vCPUs requested; this host's KVM allows at most 4");
+        assert_eq!(e.fix().as_deref(), Some("lower --cpus to 4 or fewer"));
     }
 
     #[test]

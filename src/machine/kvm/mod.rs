@@ -87,7 +87,7 @@ pub enum Error {
     MissingCapability { cap: &'static str },
     #[error("KVM_GET_SUPPORTED_CPUID failed")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
-    #[error("{cpus} vCPUs requested; this host's KVM recommends at most {max} (--cpus)")]
+    #[error("{cpus} vCPUs requested; this host's KVM allows at most {max}")]
     TooManyCpus { cpus: u8, max: usize },
     #[error("cannot set up the VM: {step} failed")]
     CreateVm {
@@ -284,9 +284,16 @@ impl KvmMachine {
 
     fn start(&mut self, spec: &GuestSpec, console: &mut dyn FnMut(&[u8])) -> Result<GuestExit, Error> {
         let run_start = Instant::now();
-        let max = self.kvm.get_nr_vcpus().min(usize::from(crate::machine::MAX_CPUS));
+        // KVM_CAP_MAX_VCPUS is the limit; KVM_CAP_NR_VCPUS (the host's
+        // CPUs) only a recommendation: past it the vCPUs share host CPUs,
+        // slower but correct, as QEMU allows too.
+        let max = self.kvm.get_max_vcpus().min(usize::from(crate::machine::MAX_CPUS));
         if spec.cpus == 0 || usize::from(spec.cpus) > max {
             return Err(Error::TooManyCpus { cpus: spec.cpus, max });
+        }
+        let recommended = self.kvm.get_nr_vcpus();
+        if usize::from(spec.cpus) > recommended {
+            log::debug!("vmm: {} vCPUs on a host whose KVM recommends at most {recommended}: they share its CPUs", spec.cpus);
         }
         install_kick_handler()?;
         seccomp::install_sigsys_handler().map_err(|source| Error::Confine { cpu: 0, source })?;
