@@ -208,10 +208,11 @@ pub fn run(place: Place, cases: &[Case], inputs: &[PathBuf]) -> Result<Batch, St
                 let console = r.console();
                 let tail: Vec<&str> = console.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
                 return Err(format!(
-                    "the nested L1 failed (exit {}, {:.0} s): {}\n--- L1 console (last lines) ---\n{}",
+                    "the nested L1 failed (exit {}, {:.0} s): {}\n{}\n--- L1 console (last lines) ---\n{}",
                     r.code,
                     r.wall.as_secs_f64(),
                     r.stderr.trim(),
+                    keep_for_diagnosis(&out),
                     tail.join("\n")
                 ));
             }
@@ -228,6 +229,19 @@ pub fn run(place: Place, cases: &[Case], inputs: &[PathBuf]) -> Result<Batch, St
     let builtin = collect(&builtin_root, &all)?;
     let qemu = collect(&host_root, &reference.iter().map(|c| (*c, "qemu")).collect::<Vec<_>>())?;
     Ok(Batch { place, builtin, qemu, l1_wall, l1_console, incomplete })
+}
+
+/// Copies a failed L1's /out (its console, what the cases wrote, and
+/// l1-frozen.txt when it froze) out of the batch's temporary directory,
+/// which is gone once [`run`] returns; says where.
+fn keep_for_diagnosis(out: &Path) -> String {
+    let kept = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tier3-l1-failed");
+    let _ = fs::remove_dir_all(&kept);
+    let copied = Command::new("cp").arg("-a").arg(out).arg(&kept).status();
+    match copied {
+        Ok(s) if s.success() => format!("the L1's /out and console are kept in {}", kept.display()),
+        _ => format!("(could not keep the L1's /out in {})", kept.display()),
+    }
 }
 
 fn write_readable(path: &Path, text: &str) {
